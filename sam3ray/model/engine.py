@@ -1,0 +1,383 @@
+"""Concept-grouped batched SAM 3 inference: the only module that drives ``sam3``.
+
+For a batch of B images and a concept set, the reference loop
+(``Sam3Processor``) runs the text encoder and one grounding forward per
+(image, prompt). Here the vision backbone runs once per image, each unique
+text is encoded once for the life of the engine, and all (image, query) pairs
+go through ``Sam3Image.forward_grounding`` in packs of ``queries_per_forward``
+(``FindStage.img_ids``/``text_ids`` index the image and text batches; exemplar
+boxes and points ride in one padded ``Prompt``). Post-processing then runs per
+image: score threshold (per-concept override), NMS within each class (which
+merges the separate queries of a class's synonyms), ``max_det``, and masks
+upsampled to original pixels only for the survivors, encoded as COCO RLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sam3ray.masks import encode_rle_batch
+from sam3ray.model.queries import Query, build_queries, validate_images
+from sam3ray.types import ConceptSet, ImageExemplars
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Post-processing and packing knobs (same names as ``inference.*`` in the job config)."""
+
+    conf: float = 0.4
+    iou: float = 0.7
+    nms: bool = True
+    max_det: int = 300
+    max_imgsz: int = 1036
+    queries_per_forward: int = 64
+    #: Upper bound on float32 mask pixels upsampled at once (memory cap for huge images).
+    mask_pixels_per_step: int = 64_000_000
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One instance in original-image pixels."""
+
+    class_id: str
+    concept: str
+    query: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask_rle: bytes
+    mask_size: tuple[int, int]
+    area: int
+
+
+@dataclass
+class EngineStats:
+    """Counters that prove the work-sharing (tests assert on them)."""
+
+    images: int = 0
+    backbone_images: int = 0
+    texts_encoded: int = 0
+    grounding_forwards: int = 0
+    queries: int = 0
+    infer_s: float = 0.0
+
+
+@dataclass
+class _Candidate:
+    image: int
+    class_id: str
+    query: Query
+    score: float
+    box_cxcywh: Any  # 4-tensor, normalised
+    mask_logits: Any  # h'×w' tensor
+
+
+@dataclass
+class _PerImage:
+    candidates: list[_Candidate] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but no CUDA device is visible")
+    return device
+
+
+class Sam3Engine:
+    """Batched SAM 3 image inference over a fixed concept set.
+
+    Construct once per worker (the model and the text-feature cache live as
+    long as the engine) and call :meth:`predict` per batch of images.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        concepts: ConceptSet,
+        config: EngineConfig | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        resolution: int | None = None,
+        model_id: str = "sam3",
+    ) -> None:
+        import torch
+        from torchvision.transforms import v2
+
+        if len(concepts) == 0:
+            raise ValueError("the concept set is empty: give at least one concept")
+        self.model = model
+        self.concepts = concepts
+        self.config = config or EngineConfig()
+        self.device = resolve_device(device)
+        self.model_id = model_id
+        self.resolution = resolution or _model_resolution(model)
+        # bf16 autocast only on CUDA: on CPU it is slower and sam3 mixes dtypes there.
+        self._autocast = self.device == "cuda" and dtype == "bfloat16"
+        self.stats = EngineStats()
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._transform = v2.Compose(  # identical to Sam3Processor's
+            [
+                v2.ToDtype(torch.uint8, scale=True),
+                v2.Resize(size=(self.resolution, self.resolution)),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+            ]
+        )
+        self.model.to(self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str,
+        concepts: ConceptSet,
+        config: EngineConfig | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        compile: bool = False,
+        cache_dir: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> Sam3Engine:
+        from sam3ray.model.loader import load_checkpoint_into_new_model, resolve_checkpoint
+
+        path = resolve_checkpoint(checkpoint, cache_dir=cache_dir, storage_options=storage_options)
+        model, info = load_checkpoint_into_new_model(path)
+        engine = cls(
+            model,
+            concepts,
+            config,
+            device=device,
+            dtype=dtype,
+            resolution=info.arch.resolution,
+            model_id=info.model_id,
+        )
+        if compile:
+            engine.compile()
+        return engine
+
+    def compile(self) -> None:
+        """torch.compile the vision backbone (fixed input shape; the dominant cost)."""
+        import torch
+
+        backbone = self.model.backbone
+        backbone.forward_image = torch.compile(backbone.forward_image, dynamic=False)
+
+    # ------------------------------------------------------------------ public API
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        exemplars: Sequence[ImageExemplars | None] | None = None,
+        orig_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[list[Detection]]:
+        """Detections per image, in the order of ``images``.
+
+        ``images`` are H×W×3 uint8 RGB arrays. ``orig_sizes[i] = (height, width)``
+        says the array was already downscaled from that size (e.g. by the decode
+        stage): boxes, masks and exemplar coordinates are then in those pixels.
+        Raises ``ValueError`` naming the offending item before any work is done.
+        """
+        import torch
+
+        sizes = validate_images(images, orig_sizes)
+        queries = build_queries(self.concepts, exemplars, sizes, len(images))
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._autocast_ctx():
+            pixel_batch = self._preprocess(images)
+            backbone_out = self.model.backbone.forward_image(pixel_batch)
+            self.stats.backbone_images += len(images)
+            self._encode_texts({q.text for q in queries})
+            per_image = [_PerImage() for _ in images]
+            step = max(1, self.config.queries_per_forward)
+            for start in range(0, len(queries), step):
+                self._ground(backbone_out, queries[start : start + step], per_image)
+            results = [self._finish(i, per_image[i], sizes[i]) for i in range(len(images))]
+        self.stats.images += len(images)
+        self.stats.queries += len(queries)
+        self.stats.infer_s += time.perf_counter() - t0
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _autocast_ctx(self):
+        import contextlib
+
+        import torch
+
+        if self._autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _preprocess(self, images: Sequence[np.ndarray]):
+        import torch
+
+        from sam3ray.decode import downscale_long_side
+
+        batch = []
+        for img in images:
+            img = downscale_long_side(img, self.config.max_imgsz)
+            t = (
+                torch.from_numpy(np.array(img, copy=not img.flags.writeable))
+                .permute(2, 0, 1)
+                .to(self.device)
+            )
+            batch.append(self._transform(t))
+        return torch.stack(batch)
+
+    def _encode_texts(self, texts: set[str]) -> None:
+        """Encode only texts never seen by this engine, all in one forward."""
+        missing = sorted(t for t in texts if t not in self._text_cache)
+        if not missing:
+            return
+        out = self.model.backbone.forward_text(missing, device=self.device)
+        feats, mask = out["language_features"], out["language_mask"]  # [S,T,D], [T,S]
+        for i, text in enumerate(missing):
+            self._text_cache[text] = (feats[:, i : i + 1].clone(), mask[i : i + 1].clone())
+        self.stats.texts_encoded += len(missing)
+
+    def _ground(self, backbone_out: dict, queries: list[Query], per_image: list[_PerImage]) -> None:
+        import torch
+        from sam3.model.data_misc import FindStage
+
+        texts = sorted({q.text for q in queries})
+        text_index = {t: i for i, t in enumerate(texts)}
+        feats = torch.cat([self._text_cache[t][0] for t in texts], dim=1)
+        masks = torch.cat([self._text_cache[t][1] for t in texts], dim=0)
+        dev = self.device
+        find = FindStage(
+            img_ids=torch.tensor([q.image for q in queries], device=dev, dtype=torch.long),
+            text_ids=torch.tensor([text_index[q.text] for q in queries], device=dev),
+            input_boxes=None,
+            input_boxes_mask=None,
+            input_boxes_label=None,
+            input_points=None,
+            input_points_mask=None,
+        )
+        out = self.model.forward_grounding(
+            backbone_out={**backbone_out, "language_features": feats, "language_mask": masks},
+            find_input=find,
+            find_target=None,
+            geometric_prompt=_prompt(queries, dev),
+        )
+        self.stats.grounding_forwards += 1
+        probs = out["pred_logits"].float().sigmoid().squeeze(-1)
+        probs = probs * out["presence_logit_dec"].float().sigmoid()  # [Q, nq] * [Q, 1]
+        boxes = out["pred_boxes"].float()
+        pred_masks = out["pred_masks"]
+        thresholds = torch.tensor(
+            [self._threshold(q.class_id) for q in queries], device=probs.device
+        )
+        keep = probs >= thresholds[:, None]
+        for qi, di in keep.nonzero().tolist():
+            q = queries[qi]
+            per_image[q.image].candidates.append(
+                _Candidate(
+                    q.image, q.class_id, q, float(probs[qi, di]), boxes[qi, di], pred_masks[qi, di]
+                )
+            )
+
+    def _threshold(self, class_id: str) -> float:
+        c = self.concepts.by_id[class_id]
+        return self.config.conf if c.min_score is None else c.min_score
+
+    def _finish(self, index: int, acc: _PerImage, size: tuple[int, int]) -> list[Detection]:
+        import torch
+        import torch.nn.functional as F
+        from sam3.model.box_ops import box_cxcywh_to_xyxy
+
+        cands = acc.candidates
+        if not cands:
+            return []
+        h, w = size
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=cands[0].box_cxcywh.device)
+        boxes = box_cxcywh_to_xyxy(torch.stack([c.box_cxcywh for c in cands])) * scale
+        scores = torch.tensor([c.score for c in cands], device=boxes.device)
+        keep: list[int] = []
+        by_class: dict[str, list[int]] = {}
+        for i, c in enumerate(cands):
+            by_class.setdefault(c.class_id, []).append(i)
+        for idx in by_class.values():
+            if self.config.nms and len(idx) > 1:
+                sel = torch.tensor(idx, device=boxes.device)
+                kept = torch.ops.torchvision.nms(boxes[sel], scores[sel], float(self.config.iou))
+                keep.extend(sel[kept].tolist())
+            else:
+                keep.extend(idx)
+        keep.sort(key=lambda i: (-cands[i].score, i))
+        keep = keep[: self.config.max_det]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        step = max(1, self.config.mask_pixels_per_step // max(1, h * w))
+        encoded: list[tuple[bytes, int]] = []
+        for s in range(0, len(keep), step):
+            low = torch.stack([cands[i].mask_logits for i in keep[s : s + step]]).float()
+            up = F.interpolate(low[:, None], (h, w), mode="bilinear", align_corners=False)
+            binary = (up[:, 0].sigmoid() > 0.5).cpu().numpy()
+            encoded.extend(encode_rle_batch(binary))
+        out = []
+        box_list = boxes.cpu().tolist()
+        for i, (rle, area) in zip(keep, encoded):
+            c = cands[i]
+            out.append(
+                Detection(
+                    class_id=c.class_id,
+                    concept=self.concepts.by_id[c.class_id].name,
+                    query=c.query.label,
+                    score=c.score,
+                    box=tuple(box_list[i]),
+                    mask_rle=rle,
+                    mask_size=(h, w),
+                    area=area,
+                )
+            )
+        return out
+
+
+def _prompt(queries: list[Query], device: str):
+    """One padded ``Prompt`` for a pack of queries (True in a mask = padding)."""
+    import torch
+    from sam3.model.geometry_encoders import Prompt
+
+    q = len(queries)
+    nb = max((len(x.boxes) for x in queries), default=0)
+    npt = max((len(x.points) for x in queries), default=0)
+    box_emb = torch.zeros(nb, q, 4)
+    box_lab = torch.ones(nb, q, dtype=torch.long)
+    box_mask = torch.ones(q, nb, dtype=torch.bool)
+    pt_emb = torch.zeros(npt, q, 2)
+    pt_lab = torch.ones(npt, q, dtype=torch.long)
+    pt_mask = torch.ones(q, npt, dtype=torch.bool)
+    for j, x in enumerate(queries):
+        for k, (coords, positive) in enumerate(x.boxes):
+            box_emb[k, j] = torch.tensor(coords)
+            box_lab[k, j] = int(positive)
+            box_mask[j, k] = False
+        for k, (coords, positive) in enumerate(x.points):
+            pt_emb[k, j] = torch.tensor(coords)
+            pt_lab[k, j] = int(positive)
+            pt_mask[j, k] = False
+    return Prompt(
+        box_embeddings=box_emb.to(device),
+        box_mask=box_mask.to(device),
+        box_labels=box_lab.to(device),
+        point_embeddings=pt_emb.to(device) if npt else None,
+        point_mask=pt_mask.to(device) if npt else None,
+        point_labels=pt_lab.to(device) if npt else None,
+    )
+
+
+def _model_resolution(model: Any) -> int:
+    """The input size the model was built for (set by arch.build_image_model;
+    the released model's 1008 otherwise)."""
+    arch = getattr(model, "sam3ray_arch", None)
+    return int(arch.resolution) if arch is not None else 1008

@@ -1,0 +1,141 @@
+"""Group inputs into shards, the unit of work, commit and resume.
+
+Why content-defined chunking: a shard's identity and membership must survive
+edits to the input list.  With fixed-size chunks, inserting one image near the
+start would shift every later boundary and force a full re-run on resume.  Here
+a boundary is a property of the input itself (its image_id hash), so adding or
+removing one input only changes the shard it falls in (a boundary input splits
+or merges two neighbours).  The ``2 * target`` hard cap bounds memory and task
+time when a long run of inputs has no boundary; inside such an over-long run an
+insertion can shift the cap cuts, but never beyond the next content boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sam3ray.types import stable_id
+
+logger = logging.getLogger(__name__)
+
+
+class _RefLike(Protocol):
+    uri: str
+    image_id: str
+
+
+class _MarkerLike(Protocol):
+    members_hash: str
+    n_error: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A deterministic group of inputs; its id names every file it writes."""
+
+    shard_id: str
+    uris: tuple[str, ...]
+    image_ids: tuple[str, ...]
+    members_hash: str
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+def members_hash(image_ids: Iterable[str]) -> str:
+    """Hash of a shard's membership: a marker is valid only for these exact inputs."""
+    return stable_id("\n".join(sorted(image_ids)))
+
+
+def shard_id_for(first_uri: str) -> str:
+    """Shard id from its first member's URI, so it is stable across runs."""
+    return "s" + stable_id(first_uri)
+
+
+def _make(members: list[_RefLike]) -> Shard:
+    ids = tuple(r.image_id for r in members)
+    return Shard(
+        shard_id=shard_id_for(members[0].uri),
+        uris=tuple(r.uri for r in members),
+        image_ids=ids,
+        members_hash=members_hash(ids),
+    )
+
+
+def _starts_shard(image_id: str, target: int) -> bool:
+    try:
+        return int(image_id[:8], 16) % target == 0
+    except ValueError as exc:
+        raise ValueError(f"image_id {image_id!r} is not a hex id (see types.stable_id)") from exc
+
+
+def make_shards(refs: Sequence[_RefLike], target: int) -> list[Shard]:
+    """Cut URI-sorted inputs into shards of about ``target`` members (at most ``2 * target``).
+
+    Sorting happens here too, because shard ids and boundaries are only
+    deterministic over a canonical order.  Duplicate URIs are dropped (with a
+    warning): one input must appear exactly once in the images table.
+    """
+    if target < 1:
+        raise ValueError(f"shard target must be >= 1, got {target}")
+    ordered: list[_RefLike] = []
+    seen: set[str] = set()
+    for ref in sorted(refs, key=lambda r: r.uri):
+        if ref.uri in seen:
+            logger.warning("duplicate input %s dropped from sharding", ref.uri)
+            continue
+        seen.add(ref.uri)
+        ordered.append(ref)
+
+    shards: list[Shard] = []
+    current: list[_RefLike] = []
+    cap = 2 * target
+    for ref in ordered:
+        boundary = _starts_shard(ref.image_id, target)  # validates every image_id
+        if current and (boundary or len(current) >= cap):
+            shards.append(_make(current))
+            current = []
+        current.append(ref)
+    if current:
+        shards.append(_make(current))
+    return shards
+
+
+def plan_shards(
+    refs: Sequence[_RefLike],
+    target: int,
+    done_markers: Mapping[str, _MarkerLike],
+    retry_errors: bool = False,
+) -> tuple[list[Shard], list[Shard]]:
+    """Split the shards into (todo, skipped) given the commit markers found on resume.
+
+    A shard is skipped only if its marker was written for the same membership:
+    if an input joined or left, the shard's files are stale and it is redone.
+    With ``retry_errors`` a shard whose marker recorded errors is redone too.
+    """
+    todo: list[Shard] = []
+    skipped: list[Shard] = []
+    for shard in make_shards(refs, target):
+        marker = done_markers.get(shard.shard_id)
+        done = marker is not None and marker.members_hash == shard.members_hash
+        if done and retry_errors and marker.n_error > 0:
+            done = False
+        (skipped if done else todo).append(shard)
+    logger.info("shard plan: %d to do, %d already done", len(todo), len(skipped))
+    return todo, skipped
+
+
+def orphaned_shard_ids(shards: Iterable[Shard], done_markers: Mapping[str, object]) -> list[str]:
+    """Marker ids that no current shard owns.
+
+    They appear when an input that started a shard is removed (its members join
+    the previous shard, under that shard's id): the old shard's rows would then
+    be duplicated by the new one.  They also appear when a run covers only a
+    subset of an earlier run's inputs, so the caller decides whether to delete
+    them (``output.ShardWriter.delete_shard``); this function never does.
+    """
+    current = {s.shard_id for s in shards}
+    return sorted(sid for sid in done_markers if sid not in current)

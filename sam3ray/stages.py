@@ -1,0 +1,289 @@
+"""The job's three stages as plain callables that know nothing of Ray.
+
+A row is a *shard* (see shards.py): ``shard_id``, ``members_hash``, ``uris``,
+``image_ids``, ``previous_files``. Each stage takes a row dict and returns one:
+
+- :func:`decode_shard` (CPU): read bytes through fsspec, decode, downscale to
+  ``max_imgsz``; a bad input becomes an error entry, never an exception.
+- :class:`SegmentShard` (GPU): ``setup()`` loads SAM 3 once; ``__call__`` runs
+  the engine over the shard in batches of ``images_per_batch`` and returns the
+  detections and images tables as Arrow IPC bytes.
+- :func:`write_shard` (CPU): writes the shard's files and commit marker and
+  returns a small summary row for the driver.
+
+pipeline.py turns them into Ray Data operators; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sam3ray.decode import DecodeError, decode_image, downscale_long_side
+from sam3ray.inputs import read_bytes
+from sam3ray.output_schema import detections_table, images_table, utc_now
+from sam3ray.types import ConceptSet
+
+logger = logging.getLogger(__name__)
+
+
+def _error_reason(exc: BaseException) -> str:
+    if isinstance(exc, DecodeError):
+        return exc.reason
+    if isinstance(exc, FileNotFoundError):
+        return "not_found"
+    if isinstance(exc, PermissionError):
+        return "forbidden"
+    return "read_failed"
+
+
+def decode_shard(
+    row: dict[str, Any],
+    *,
+    storage_options: dict[str, Any],
+    max_pixels: int,
+    max_imgsz: int,
+) -> dict[str, Any]:
+    """Read and decode every image of a shard; failures are kept as data."""
+    pixels, shapes, orig, status, errors, reasons, decode_ms = [], [], [], [], [], [], []
+    for uri in row["uris"]:
+        t0 = time.perf_counter()
+        try:
+            img = decode_image(read_bytes(uri, storage_options), max_pixels=max_pixels)
+            h, w = img.shape[:2]
+            small = downscale_long_side(img, max_imgsz)
+            pixels.append(np.ascontiguousarray(small).tobytes())
+            shapes.append(list(small.shape[:2]))
+            orig.append([h, w])
+            status.append("ok")
+            errors.append(None)
+            reasons.append(None)
+        except Exception as exc:  # one poison file must not cost the shard
+            pixels.append(b"")
+            shapes.append([0, 0])
+            orig.append([0, 0])
+            status.append("error")
+            errors.append(f"{type(exc).__name__}: {exc}"[:500])
+            reasons.append(_error_reason(exc))
+        decode_ms.append((time.perf_counter() - t0) * 1000)
+    return {
+        **row,
+        "pixels": pixels,
+        "shapes": shapes,
+        "orig_sizes": orig,
+        "status": status,
+        "errors": errors,
+        "error_reasons": reasons,
+        "decode_ms": decode_ms,
+    }
+
+
+@dataclass
+class SegmentSpec:
+    """Everything an actor needs to build its engine (small and picklable)."""
+
+    checkpoint: str
+    concepts: ConceptSet
+    geometric: Any = None  # prompts.GeometricPrompts | None
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    compile: bool = False
+    cache_dir: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    images_per_batch: int = 8
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    run_id: str = "run"
+
+
+class SegmentShard:
+    """SAM 3 over one shard at a time; the model is loaded once per instance."""
+
+    loads = 0  # per process: a test asserts one load per actor
+
+    def __init__(self, spec: SegmentSpec) -> None:
+        self.spec = spec
+        self.engine = None
+
+    def setup(self) -> None:
+        from sam3ray.model.engine import EngineConfig, Sam3Engine
+
+        s = self.spec
+        t0 = time.perf_counter()
+        self.engine = Sam3Engine.from_checkpoint(
+            s.checkpoint,
+            s.concepts,
+            EngineConfig(**s.engine),
+            device=s.device,
+            dtype=s.dtype,
+            compile=s.compile,
+            cache_dir=s.cache_dir,
+            storage_options=s.storage_options,
+        )
+        type(self).loads += 1
+        self.setup_s = time.perf_counter() - t0
+        logger.info("SAM 3 loaded in %.1f s (%s)", self.setup_s, self.engine.model_id)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.engine is None:
+            self.setup()
+        n = len(row["uris"])
+        status = list(row["status"])
+        errors = list(row["errors"])
+        reasons = list(row["error_reasons"])
+        infer_ms = [0.0] * n
+        dets: list[dict[str, Any]] = []
+        n_det = [0] * n
+        todo = [i for i in range(n) if status[i] == "ok"]
+        todo = self._check_exemplars(row, todo, status, errors, reasons)
+        step = max(1, self.spec.images_per_batch)
+        for start in range(0, len(todo), step):
+            idx = todo[start : start + step]
+            try:
+                self._run_batch(row, idx, dets, n_det, infer_ms)
+            except Exception as exc:  # keep the shard: mark this batch's inputs failed
+                logger.exception("inference failed on shard %s", row["shard_id"])
+                for i in idx:
+                    status[i], reasons[i] = "error", "inference_failed"
+                    errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+                dets = [d for d in dets if d["image_id"] not in {row["image_ids"][i] for i in idx}]
+        images = self._images_rows(row, status, errors, reasons, n_det, infer_ms)
+        return {
+            "shard_id": row["shard_id"],
+            "members_hash": row["members_hash"],
+            "previous_files": row.get("previous_files") or [],
+            "detections_ipc": _to_ipc(detections_table(dets)),
+            "images_ipc": _to_ipc(images_table(images)),
+            "actor_pid": os.getpid(),
+            "actor_loads": type(self).loads,
+        }
+
+    def _check_exemplars(self, row, todo, status, errors, reasons) -> list[int]:
+        from sam3ray.prompts import check_exemplars_in_image
+
+        if self.spec.geometric is None:
+            return todo
+        keep = []
+        for i in todo:
+            ex = self.spec.geometric.for_image(row["uris"][i], row["image_ids"][i])
+            h, w = row["orig_sizes"][i]
+            problem = check_exemplars_in_image(ex, int(w), int(h)) if ex else None
+            if problem:
+                status[i], errors[i], reasons[i] = "error", problem, "exemplar_outside_image"
+            else:
+                keep.append(i)
+        return keep
+
+    def _run_batch(self, row, idx, dets, n_det, infer_ms) -> None:
+        images = []
+        for i in idx:
+            h, w = row["shapes"][i]
+            images.append(np.frombuffer(row["pixels"][i], dtype=np.uint8).reshape(h, w, 3))
+        orig = [tuple(row["orig_sizes"][i]) for i in idx]
+        exemplars = None
+        if self.spec.geometric is not None:
+            exemplars = [
+                self.spec.geometric.for_image(row["uris"][i], row["image_ids"][i]) for i in idx
+            ]
+        t0 = time.perf_counter()
+        results = self.engine.predict(images, exemplars=exemplars, orig_sizes=orig)
+        per_image_ms = (time.perf_counter() - t0) * 1000 / len(idx)
+        now = utc_now()
+        for i, found in zip(idx, results):
+            infer_ms[i] = per_image_ms
+            n_det[i] = len(found)
+            h, w = row["orig_sizes"][i]
+            for d in found:
+                dets.append(
+                    {
+                        "run_id": self.spec.run_id,
+                        "image_id": row["image_ids"][i],
+                        "uri": row["uris"][i],
+                        "class_id": d.class_id,
+                        "concept": d.concept,
+                        "query": d.query,
+                        "score": d.score,
+                        "box": list(d.box),
+                        "mask_rle": d.mask_rle,
+                        "mask_size": list(d.mask_size),
+                        "area": d.area,
+                        "width": int(w),
+                        "height": int(h),
+                        "model": self.engine.model_id,
+                        "created_at": now,
+                    }
+                )
+
+    def _images_rows(self, row, status, errors, reasons, n_det, infer_ms) -> list[dict]:
+        now = utc_now()
+        out = []
+        for i, uri in enumerate(row["uris"]):
+            h, w = row["orig_sizes"][i]
+            ok_size = status[i] == "ok" or (h and w)
+            out.append(
+                {
+                    "run_id": self.spec.run_id,
+                    "image_id": row["image_ids"][i],
+                    "uri": uri,
+                    "shard_id": row["shard_id"],
+                    "status": status[i],
+                    "error": errors[i],
+                    "error_reason": reasons[i],
+                    "n_detections": n_det[i],
+                    "width": int(w) if ok_size else None,
+                    "height": int(h) if ok_size else None,
+                    "decode_ms": float(row["decode_ms"][i]),
+                    "infer_ms": float(infer_ms[i]),
+                    "created_at": now,
+                }
+            )
+        return out
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+
+
+def write_shard(
+    row: dict[str, Any], *, output_uri: str, storage_options: dict[str, Any], run_id: str
+) -> dict[str, Any]:
+    """Write a segmented shard and return its summary (counts only, a few hundred bytes)."""
+    from sam3ray.output import ShardWriter
+    from sam3ray.output_io import Marker
+
+    det = _from_ipc(row["detections_ipc"])
+    img = _from_ipc(row["images_ipc"])
+    previous = None
+    if row.get("previous_files"):
+        previous = Marker(row["shard_id"], "", 0, 0, 0, 0, run_id, tuple(row["previous_files"]), "")
+    writer = ShardWriter(output_uri, storage_options)
+    marker = writer.write_shard(row["shard_id"], row["members_hash"], det, img, run_id, previous)
+    reasons = Counter(r for r in img.column("error_reason").to_pylist() if r)
+    per_concept = Counter(det.column("concept").to_pylist())
+    return {
+        "shard_id": marker.shard_id,
+        "n_inputs": marker.n_inputs,
+        "n_ok": marker.n_ok,
+        "n_error": marker.n_error,
+        "n_detections": marker.n_detections,
+        "errors_by_reason": json.dumps(dict(reasons)),
+        "detections_by_concept": json.dumps(dict(per_concept)),
+        "infer_ms": float(sum(img.column("infer_ms").to_pylist())),
+        "decode_ms": float(sum(img.column("decode_ms").to_pylist())),
+        "actor_pid": int(row.get("actor_pid", 0)),
+        "actor_loads": int(row.get("actor_loads", 0)),
+    }

@@ -1,0 +1,445 @@
+"""Sam3Engine on the tiny random-weight SAM 3.
+
+Fidelity to the official ``Sam3Processor`` (one image, one prompt at a time),
+the work sharing that makes the engine worth having (backbone once per image,
+text encoder once per unique text), every post-processing knob against a known
+outcome derived from the engine's own unfiltered output, and input validation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam3ray import Concept, ConceptSet, EngineConfig, Exemplar, Sam3Engine
+from sam3ray.decode import downscale_long_side
+from sam3ray.masks import decode_rle, rle_iou
+
+RESOLUTION = 336  # Sam3Arch.tiny()
+CAT = "0b0c7f5e-0000-4000-8000-000000000001"
+DOG = "0b0c7f5e-0000-4000-8000-000000000002"
+BIRD = "0b0c7f5e-0000-4000-8000-000000000003"
+THING = "0b0c7f5e-0000-4000-8000-000000000004"
+#: No post-processing at all: every one of the 20 decoder queries of every prompt.
+RAW = EngineConfig(conf=0.0, nms=False, max_det=100_000)
+
+
+def scene(h: int, w: int, seed: int) -> np.ndarray:
+    """A deterministic synthetic RGB scene: a colour gradient with rectangles and ellipses."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack(
+        [255 * xx / w, 255 * yy / h, np.full((h, w), 128.0, np.float32)], axis=-1
+    ).astype(np.float32)
+    for _ in range(4):
+        x0, x1 = sorted(rng.integers(0, w, 2))
+        y0, y1 = sorted(rng.integers(0, h, 2))
+        img[y0 : y1 + 1, x0 : x1 + 1] = rng.integers(0, 256, 3)
+        cx, cy = rng.integers(0, w), rng.integers(0, h)
+        rx, ry = rng.integers(8, w // 3), rng.integers(8, h // 3)
+        img[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = rng.integers(0, 256, 3)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def box_xyxy(h: int, w: int, fx0: float, fy0: float, fx1: float, fy1: float):
+    return (round(fx0 * w, 1), round(fy0 * h, 1), round(fx1 * w, 1), round(fy1 * h, 1))
+
+
+def cxcywh_norm(coords, h: int, w: int) -> list[float]:
+    """The same normalisation the engine applies (queries.build_queries)."""
+    x0, y0, x1, y1 = coords
+    return [(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h]
+
+
+def by_class(dets, class_id: str):
+    return [d for d in dets if d.class_id == class_id]
+
+
+def key(d) -> tuple:
+    """Identity of a detection for set comparisons (exact floats: same forward pass)."""
+    return (d.class_id, d.query, d.score, d.box)
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def greedy_nms(dets, iou: float):
+    """Brute-force per-class greedy NMS over a detection list (score order, ties by position)."""
+    kept = []
+    for cls in dict.fromkeys(d.class_id for d in dets):
+        cands = sorted(by_class(dets, cls), key=lambda d: -d.score)
+        keep: list = []
+        for d in cands:
+            if all(box_iou(d.box, k.box) <= iou for k in keep):
+                keep.append(d)
+        kept.extend(keep)
+    return kept
+
+
+@dataclass
+class Calls:
+    """Real forward calls of the vision trunk and the text encoder, with their batch sizes."""
+
+    vision: list[int] = field(default_factory=list)
+    text: list[list[str]] = field(default_factory=list)
+
+
+@pytest.fixture
+def calls(tiny_model):
+    """Count real backbone calls with forward hooks.
+
+    ``SAM3VLBackbone`` invokes ``vision_backbone.forward(...)`` directly, which
+    bypasses module hooks, so the hook sits on its ViT trunk (called normally,
+    once per vision-backbone forward). The text encoder is called normally.
+    """
+    rec = Calls()
+    backbone = tiny_model.backbone
+    handles = [
+        backbone.vision_backbone.trunk.register_forward_pre_hook(
+            lambda _m, args: rec.vision.append(int(args[0].shape[0]))
+        ),
+        backbone.language_backbone.register_forward_pre_hook(
+            lambda _m, args: rec.text.append(list(args[0]))
+        ),
+    ]
+    yield rec
+    for h in handles:
+        h.remove()
+
+
+# --------------------------------------------------------------------------- fidelity
+
+FIDELITY_SIZES = [(200, 300), (336, 240), (160, 160)]
+FIDELITY_CONF = 0.3
+
+
+def fidelity_inputs():
+    images = [scene(h, w, seed=10 + i) for i, (h, w) in enumerate(FIDELITY_SIZES)]
+    concepts = ConceptSet(
+        (
+            Concept(CAT, "cat", ("cat",)),  # text only
+            Concept(DOG, "dog", ("dog",)),  # text + positive box
+            Concept(BIRD, "bird", ("bird",)),  # text + negative box
+            Concept(THING, "thing", ()),  # box only ("visual")
+        )
+    )
+    exemplars, plan = [], []
+    for h, w in FIDELITY_SIZES:
+        pos = box_xyxy(h, w, 0.15, 0.2, 0.6, 0.75)
+        neg = box_xyxy(h, w, 0.5, 0.45, 0.95, 0.95)
+        exemplars.append(
+            {
+                DOG: [Exemplar("box", pos, positive=True)],
+                BIRD: [Exemplar("box", neg, positive=False)],
+                THING: [Exemplar("box", pos, positive=True)],
+            }
+        )
+        plan.append(
+            {
+                CAT: ("cat", None, None, 'text:"cat"'),
+                DOG: ("dog", pos, True, 'text:"dog" +1 box'),
+                BIRD: ("bird", neg, False, 'text:"bird" -1 box'),
+                THING: (None, pos, True, "visual +1 box"),
+            }
+        )
+    return images, concepts, exemplars, plan
+
+
+def reference_detections(processor, image: np.ndarray, text, box, positive):
+    """The official path, one image and one prompt at a time, boxes clamped like the engine's."""
+    h, w = image.shape[:2]
+    state = processor.set_image(Image.fromarray(image))  # fresh state per query
+    if text is not None:
+        state = processor.set_text_prompt(text, state)
+    if box is not None:
+        state = processor.add_geometric_prompt(cxcywh_norm(box, h, w), positive, state)
+    boxes = state["boxes"].float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    order = torch.argsort(state["scores"], descending=True, stable=True)
+    return (
+        state["scores"][order].tolist(),
+        boxes[order].tolist(),
+        state["masks"][order, 0].numpy(),
+    )
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_fidelity_to_official_sam3_processor(tiny_model):
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    images, concepts, exemplars, plan = fidelity_inputs()
+    cfg = EngineConfig(conf=FIDELITY_CONF, nms=False, max_det=100_000)
+    engine = Sam3Engine(tiny_model, concepts, cfg)
+    got = engine.predict(images, exemplars)
+    processor = Sam3Processor(
+        tiny_model, resolution=RESOLUTION, device="cpu", confidence_threshold=FIDELITY_CONF
+    )
+    compared = 0
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        for class_id, (text, box, positive, label) in plan[i].items():
+            ref_scores, ref_boxes, ref_masks = reference_detections(
+                processor, image, text, box, positive
+            )
+            mine = by_class(got[i], class_id)  # engine output is sorted by score
+            where = f"image {i} ({h}x{w}), {label}"
+            assert len(mine) == len(ref_scores), where
+            for d, s, b, m in zip(mine, ref_scores, ref_boxes, ref_masks):
+                assert d.query == label, where
+                assert d.mask_size == (h, w)
+                assert abs(d.score - s) <= 1e-4, where
+                assert max(abs(x - y) for x, y in zip(d.box, b)) <= 0.5, where
+                assert mask_iou(decode_rle(d.mask_rle, d.mask_size), m) >= 0.99, where
+                assert d.area == int(m.sum())
+                compared += 1
+    # Not vacuous: detections were compared and the threshold rejected some.
+    assert compared >= 20
+    assert compared < len(images) * 4 * 20
+
+
+# --------------------------------------------------------------------------- work sharing
+
+
+def test_backbone_once_per_image_text_encoder_once_per_unique_text(tiny_model, calls):
+    concepts = ConceptSet(
+        (
+            Concept(CAT, "cat", ("cat", "kitten")),
+            Concept(DOG, "dog", ("dog",)),
+            Concept(BIRD, "bird", ("dog", "puppy")),  # shares the text "dog" with DOG
+            Concept(THING, "thing", ()),  # exemplars only -> the "visual" text
+        )
+    )
+    images = [scene(96 + 16 * i, 128, seed=i) for i in range(4)]
+    ex = [{THING: [Exemplar("box", (10, 10, 60, 60))]}, None, {THING: [Exemplar("point", (5, 5))]}, None]
+    engine = Sam3Engine(tiny_model, concepts, EngineConfig(queries_per_forward=4))
+
+    engine.predict(images, ex)
+    n_queries = 4 * (2 + 1 + 2) + 2  # 5 text queries per image + 2 exemplar-only queries
+    assert calls.vision == [4]  # one backbone forward for the whole batch
+    assert len(calls.text) == 1  # one text-encoder forward ...
+    assert sorted(calls.text[0]) == ["cat", "dog", "kitten", "puppy", "visual"]  # ... each once
+    s = engine.stats
+    assert (s.images, s.backbone_images, s.texts_encoded) == (4, 4, 5)
+    assert s.queries == n_queries
+    assert s.grounding_forwards == math.ceil(n_queries / 4)
+
+    engine.predict(images[:2])  # more queries, no new text: the cache serves them
+    assert calls.vision == [4, 2]
+    assert len(calls.text) == 1
+    assert (s.images, s.backbone_images, s.texts_encoded) == (6, 6, 5)
+    assert s.queries == n_queries + 2 * 5
+
+    # The cache lives per engine: a new engine encodes its texts once more.
+    other = Sam3Engine(tiny_model, concepts)
+    other.predict(images[:1])
+    assert sorted(calls.text[1]) == ["cat", "dog", "kitten", "puppy"]
+    assert calls.vision == [4, 2, 1]
+
+
+def test_queries_per_forward_packing_does_not_change_results(tiny_model):
+    images, concepts, exemplars, _ = fidelity_inputs()
+    one = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.2, queries_per_forward=1))
+    many = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.2, queries_per_forward=64))
+    a, b = one.predict(images, exemplars), many.predict(images, exemplars)
+    assert one.stats.grounding_forwards == 12
+    assert many.stats.grounding_forwards == 1
+    assert sum(map(len, a)) > 0
+    for da, db in zip(a, b):
+        assert [(d.class_id, d.query) for d in da] == [(d.class_id, d.query) for d in db]
+        for x, y in zip(da, db):
+            assert abs(x.score - y.score) <= 1e-5
+            assert max(abs(p - q) for p, q in zip(x.box, y.box)) <= 1e-3
+            assert rle_iou(x.mask_rle, y.mask_rle, x.mask_size) >= 0.999
+
+
+def test_point_exemplar_runs_and_changes_the_output(tiny_model):
+    image = scene(200, 240, seed=3)
+    concepts = ConceptSet((Concept(CAT, "cat", ("cat",)),))
+    engine = Sam3Engine(tiny_model, concepts, RAW)
+    text_only = engine.predict([image])[0]
+    with_point = engine.predict([image], [{CAT: [Exemplar("point", (120.0, 90.0))]}])[0]
+    assert len(text_only) == len(with_point) == 20
+    assert {d.query for d in with_point} == {'text:"cat" +1 point'}
+    a = sorted(d.score for d in text_only)
+    b = sorted(d.score for d in with_point)
+    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3
+
+
+# --------------------------------------------------------------------------- post-processing
+
+KNOB_CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat", "kitten")), Concept(DOG, "dog", ("dog",))))
+
+
+@pytest.fixture(scope="module")
+def knob_images():
+    return [scene(180, 240, seed=21), scene(240, 200, seed=22)]
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_model, knob_images):
+    """The engine's own unfiltered output (no threshold, no NMS, no cap)."""
+    out = Sam3Engine(tiny_model, KNOB_CONCEPTS, RAW).predict(knob_images)
+    assert [len(o) for o in out] == [60, 60]  # 3 queries × 20 decoder queries
+    return out
+
+
+def test_conf_keeps_exactly_the_scores_above_it(tiny_model, knob_images, raw):
+    conf = 0.5
+    got = Sam3Engine(tiny_model, KNOB_CONCEPTS, EngineConfig(conf=conf, nms=False)).predict(
+        knob_images
+    )
+    for g, r in zip(got, raw):
+        expected = [key(d) for d in r if d.score >= conf]
+        assert 0 < len(expected) < len(r)
+        assert [key(d) for d in g] == expected
+
+
+def test_per_concept_min_score_overrides_conf(tiny_model, knob_images, raw):
+    concepts = ConceptSet(
+        (Concept(CAT, "cat", ("cat", "kitten"), min_score=0.8), Concept(DOG, "dog", ("dog",)))
+    )
+    cfg = EngineConfig(conf=0.3, nms=False)
+    got = Sam3Engine(tiny_model, concepts, cfg).predict(knob_images)
+    for g, r in zip(got, raw):
+        for cls, thr in ((CAT, 0.8), (DOG, 0.3)):
+            expected = [key(d) for d in by_class(r, cls) if d.score >= thr]
+            assert [key(d) for d in by_class(g, cls)] == expected
+    cats = [d for g in got for d in by_class(g, CAT)]
+    low_cats = [d for r in raw for d in by_class(r, CAT) if 0.3 <= d.score < 0.8]
+    assert low_cats and all(d.score >= 0.8 for d in cats)  # the override had work to do
+
+
+def test_max_det_keeps_the_top_scores(tiny_model, knob_images, raw):
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, EngineConfig(conf=0.0, nms=False, max_det=7)
+    ).predict(knob_images)
+    for g, r in zip(got, raw):
+        assert [key(d) for d in g] == [key(d) for d in r[:7]]
+        assert [d.score for d in r] == sorted((d.score for d in r), reverse=True)
+
+
+@pytest.mark.parametrize("iou", [0.7, 0.3])
+def test_nms_equals_brute_force_greedy_nms_over_the_raw_output(tiny_model, knob_images, raw, iou):
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, EngineConfig(conf=0.0, iou=iou, nms=True)
+    ).predict(knob_images)
+    for g, r in zip(got, raw):
+        expected = greedy_nms(r, iou)
+        assert len(expected) < len(r)
+        assert sorted(key(d) for d in g) == sorted(key(d) for d in expected)
+        for cls in (CAT, DOG):  # invariant on what the user receives
+            kept = by_class(g, cls)
+            for a in range(len(kept)):
+                for b in range(a + 1, len(kept)):
+                    assert box_iou(kept[a].box, kept[b].box) <= iou
+
+
+def test_synonyms_of_one_class_are_merged_by_nms(tiny_model, knob_images, raw):
+    cfg = EngineConfig(conf=0.3, iou=0.5, nms=True)
+    got = Sam3Engine(tiny_model, KNOB_CONCEPTS, cfg).predict(knob_images)
+    for g, r in zip(got, raw):
+        cats_raw = [d for d in by_class(r, CAT) if d.score >= 0.3]
+        per_text = Counter(d.query for d in cats_raw)
+        assert set(per_text) == {'text:"cat"', 'text:"kitten"'}
+        cats = by_class(g, CAT)
+        assert 0 < len(cats) < sum(per_text.values())
+        # Every kept detection is one of the raw ones and still names the text that found it.
+        assert {key(d) for d in cats} <= {key(d) for d in cats_raw}
+        assert {d.query for d in cats} <= {'text:"cat"', 'text:"kitten"'}
+        assert all(d.concept == "cat" for d in cats)
+
+
+def test_max_imgsz_equals_predownscaled_image_with_boxes_scaled_back(tiny_model):
+    big = scene(240, 320, seed=5)  # long side 320 > max_imgsz 160 -> 120x160
+    small = downscale_long_side(big, 160)
+    assert small.shape == (120, 160, 3)
+    concepts = ConceptSet((Concept(CAT, "cat", ("cat",)),))
+    limited = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.3, nms=False, max_imgsz=160))
+    plain = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.3, nms=False))
+
+    got = limited.predict([big])[0]
+    ref_small = plain.predict([small])[0]
+    ref_orig = plain.predict([small], orig_sizes=[(240, 320)])[0]
+    unlimited = plain.predict([big])[0]
+
+    assert len(got) == len(ref_small) == len(ref_orig) > 0
+    for d, s, o in zip(got, ref_small, ref_orig):
+        assert d.score == s.score == o.score
+        assert d.mask_size == (240, 320) and s.mask_size == (120, 160)
+        assert max(abs(a - 2 * b) for a, b in zip(d.box, s.box)) <= 1e-3
+        assert d.mask_rle == o.mask_rle
+    # The limit did something: without it the model saw different pixels.
+    assert [d.score for d in unlimited] != [d.score for d in got]
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat",)), Concept(THING, "thing", ())))
+
+
+def _rgb(h: int = 64, w: int = 80) -> np.ndarray:
+    return scene(h, w, seed=1)
+
+
+BAD_INPUTS = {
+    "empty batch": ([], None, "empty batch"),
+    "grayscale array": ([_rgb(), _rgb()[..., 0]], None, r"image 1: .*RGB"),
+    "RGBA array": ([_rgb(), _rgb(), np.zeros((64, 80, 4), np.uint8)], None, r"image 2: .*RGB"),
+    "float array": ([_rgb().astype(np.float32)], None, r"image 0: .*uint8"),
+    "not an array": ([_rgb(), Image.fromarray(_rgb())], None, r"image 1: .*numpy"),
+    "box outside the image": (
+        [_rgb(), _rgb()],
+        [None, {THING: [Exemplar("box", (10, 10, 90, 50))]}],
+        rf"image 1, class {THING}: .*outside the 80x64 image",
+    ),
+    "box with x1 < x0": (
+        [_rgb()],
+        [{THING: [Exemplar("box", (50, 10, 20, 40))]}],
+        rf"image 0, class {THING}: .*x1 > x0",
+    ),
+    "NaN coordinate": (
+        [_rgb(), _rgb()],
+        [None, {CAT: [Exemplar("point", (float("nan"), 3.0))]}],
+        rf"image 1, class {CAT}: .*finite",
+    ),
+    "unknown class": (
+        [_rgb()],
+        [{"no-such-class": [Exemplar("point", (3.0, 3.0))]}],
+        r"image 0: .*unknown class_id no-such-class",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_the_item_before_any_work(tiny_model, calls, case):
+    images, exemplars, message = BAD_INPUTS[case]
+    engine = Sam3Engine(tiny_model, BAD_CONCEPTS)
+    with pytest.raises(ValueError, match=message):
+        engine.predict(images, exemplars)
+    # No partial work or output: the model never ran and no counter moved.
+    assert calls.vision == [] and calls.text == []
+    assert engine.stats.images == engine.stats.backbone_images == engine.stats.queries == 0
+    # The same engine still serves a good batch afterwards.
+    assert len(engine.predict([_rgb()])) == 1
+
+
+def test_zero_concepts_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="concept set is empty"):
+        Sam3Engine(tiny_model, ConceptSet(()))
