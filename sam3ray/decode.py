@@ -6,9 +6,13 @@ HTML error pages saved as ``.jpg``, and decompression bombs. Each must become
 either a correct RGB image or one error row with a machine-friendly reason;
 never a crashed worker and never a silently wrong image.
 
-Alpha: transparency is dropped after converting to RGBA (the colour channels
-are kept as stored), so images look as the colour data says; compositing would
-darken semi-transparent edges differently per background choice.
+Choices made here:
+- Alpha is dropped after converting to RGBA (colour channels kept as stored);
+  compositing would darken semi-transparent edges depending on a background
+  colour nobody chose.
+- Single-channel integer data within 0..65535 (16-bit PNG/TIFF, also when Pillow
+  opens it as 32-bit "I") is scaled by 255/65535; other integer ranges and float
+  data outside [0, 1] are min-max scaled; floats in [0, 1] are scaled by 255.
 """
 
 from __future__ import annotations
@@ -95,10 +99,10 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
     ):
         # 16-bit range: 65535 -> 255, rounding to nearest (x / 257).
         return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    arr = arr.astype(np.float64)
+    is_float, arr = arr.dtype.kind == "f", arr.astype(np.float64)
     finite = arr[np.isfinite(arr)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if arr.dtype.kind == "f" and lo >= 0 and hi <= 1:
+    if is_float and lo >= 0 and hi <= 1:
         lo, hi = 0.0, 1.0  # float images in [0, 1]
     scaled = (np.nan_to_num(arr, nan=lo) - lo) / ((hi - lo) or 1.0) * 255.0
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -214,10 +214,18 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
 
     Text manifests take one URI per line (blank lines and ``#`` comments skipped).
     Relative local entries of a local manifest are relative to the manifest's folder.
+    Entries are taken as they are: no glob expansion and no existence check (a
+    listing call per entry would cost more than the job; a missing object becomes
+    that input's error row).
     """
+    return [value for _, value in _manifest_entries(uri, storage_options)]
+
+
+def _manifest_entries(uri: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(where in the file, URI) for each manifest entry; an empty entry is refused."""
     fs, path = filesystem_for(uri, storage_options)
     suffix = os.path.splitext(path)[1].lower()
-    entries: list[tuple[str, object]] = []  # (where, value)
+    entries: list[tuple[str, object]] = []
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
@@ -249,7 +257,7 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         value = value.strip()
         if not has_scheme(value) and base is not None:
             value = os.path.join(base, os.path.expanduser(value))
-        out.append(value)
+        out.append((where, value))
     return out
 
 
@@ -263,17 +271,17 @@ def list_inputs(cfg: InputConfig) -> list[InputRef]:
         if not allowed and not is_object_store(uri):
             raise InputError(f"input.uris[{i}]: {uri}: {why}")
         uris.update(_expand_uri(i, uri, opts, tuple(cfg.extensions)))
+    if cfg.uris and not uris:
+        raise InputError(f"input.uris matched no files: {cfg.uris} (extensions {cfg.extensions})")
     if cfg.manifest:
-        for n, entry in enumerate(read_manifest(cfg.manifest, opts), 1):
+        entries = _manifest_entries(cfg.manifest, opts)
+        if not entries:
+            raise InputError(f"input.manifest: {cfg.manifest} lists no URIs")
+        for where, entry in entries:
             if not is_object_store(entry):
                 if not allowed:
-                    raise InputError(f"input.manifest: {cfg.manifest} entry {n}: {entry}: {why}")
+                    raise InputError(f"input.manifest: {cfg.manifest} {where}: {entry}: {why}")
                 entry = _local_path(entry)
             uris.add(entry)
-    if not uris:
-        raise InputError(
-            f"input.uris matched no files: {cfg.uris} (extensions {cfg.extensions})"
-            + (f", manifest {cfg.manifest}" if cfg.manifest else "")
-        )
     logger.info("listed %d inputs", len(uris))
     return [InputRef(u, image_id_for(u)) for u in sorted(uris)]

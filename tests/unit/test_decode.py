@@ -105,6 +105,8 @@ def test_16bit_png_is_scaled_not_clipped():
 def test_float_tiff_in_unit_range_scales_to_255():
     data = encode(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), mode="F"), "TIFF")
     assert decode_image(data, max_pixels=LIMIT)[0, :, 1].tolist() == [0, 128, 255]
+    wide = Image.fromarray(np.array([[-10, 50_000, 200_000]], np.int32), mode="I")
+    assert decode_image(encode(wide, "TIFF"), max_pixels=LIMIT)[0, :, 0].tolist() == [0, 64, 255]
 
 
 def test_palette_png_with_transparency():

@@ -96,6 +96,9 @@ def test_manifest_formats(tmp_path):
     (tmp_path / "nouri.csv").write_text("path\nx.jpg\n")
     with pytest.raises(InputError, match="no 'uri' column"):
         list_inputs(InputConfig(manifest=str(tmp_path / "nouri.csv")))
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(InputError, match="input.manifest: .*empty.txt lists no URIs"):
+        list_inputs(InputConfig(manifest=str(tmp_path / "empty.txt")))
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "nouri.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
         list_inputs(InputConfig(manifest=str(tmp_path / "nouri.parquet")))
@@ -133,7 +136,9 @@ def test_s3_manifest_cannot_reach_local_files(moto_s3, s3_tree, tmp_path):
     opts = moto_s3.storage_options
     b = s3_tree
     ok = moto_s3.put(b, "m/ok.txt", f"s3://{b}/imgs/b.jpg\nimgs/a/c.png\n")
-    with pytest.raises(InputError, match=r"entry 2: imgs/a/c.png: local paths are not allowed"):
+    with pytest.raises(
+        InputError, match=r"ok.txt line 2: imgs/a/c.png: local paths are not allowed"
+    ):
         list_inputs(InputConfig(manifest=ok, storage_options=opts))
     evil = moto_s3.put(b, "m/evil.csv", f"uri\ns3://{b}/imgs/b.jpg\nfile:///etc/passwd\n")
     with pytest.raises(InputError, match="file:///etc/passwd: local paths are not allowed"):
