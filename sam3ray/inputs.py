@@ -16,9 +16,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 
@@ -28,10 +28,12 @@ if TYPE_CHECKING:
     from sam3ray.config import InputConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _LOCAL_SCHEMES = {"file", "local"}
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}
 _FS_CACHE: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
 _FS_LOCK = threading.Lock()
 _TRANSIENT_CODES = {
@@ -69,6 +71,13 @@ def is_object_store(uri: str) -> bool:
     """True for any URI with a non-local scheme (s3://, gs://, https://, …)."""
     m = _SCHEME.match(uri)
     return bool(m) and m.group(1).lower() not in _LOCAL_SCHEMES
+
+
+def _store_family(uri: str) -> str:
+    """The scheme of an object-store URI with aliases folded (s3a/s3n -> s3, gcs -> gs)."""
+    m = _SCHEME.match(uri)
+    scheme = m.group(1).lower() if m else "file"
+    return _SCHEME_ALIASES.get(scheme, scheme)
 
 
 def _freeze(obj: Any) -> Any:
@@ -152,6 +161,36 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def retry_transient(
+    fn: Callable[[], T],
+    what: str,
+    retries: int = 5,
+    *,
+    base_delay: float = 0.2,
+    max_delay: float = 10.0,
+) -> T:
+    """Call ``fn()``, retrying it up to ``retries`` times while it fails transiently.
+
+    The one retry policy of the job (reads, listings, writes, markers): final errors
+    (missing, forbidden, bad data) raise at once; throttling, 5xx and dropped
+    connections are retried with exponential backoff and jitter, so that thousands
+    of tasks throttled at once do not come back in lock-step. This sits above
+    the clients' own retries (botocore, s3fs), which give up after seconds of
+    sustained throttling; ``fn`` must be idempotent.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= retries or not is_transient(exc):
+                raise
+            cap = min(max_delay, base_delay * 2**attempt)
+            delay = cap / 2 + random.uniform(0, cap / 2)
+            logger.warning("%s failed (%r); retry %d in %.2fs", what, exc, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def read_bytes(
     uri: str,
     storage_options: Mapping[str, Any] | None = None,
@@ -160,23 +199,15 @@ def read_bytes(
     base_delay: float = 0.2,
     max_delay: float = 10.0,
 ) -> bytes:
-    """Read a whole object, retrying transient errors ``retries`` times.
-
-    Backoff is exponential with jitter so that thousands of tasks throttled at once
-    do not come back in lock-step.
-    """
+    """Read a whole object, retrying transient errors ``retries`` times (see retry_transient)."""
     fs, path = filesystem_for(uri, storage_options)
-    for attempt in range(retries + 1):
-        try:
-            return fs.cat_file(path)
-        except Exception as exc:
-            if attempt >= retries or not is_transient(exc):
-                raise
-            cap = min(max_delay, base_delay * 2**attempt)
-            delay = cap / 2 + random.uniform(0, cap / 2)
-            logger.warning("read %s failed (%r); retry %d in %.2fs", uri, exc, attempt + 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return retry_transient(
+        lambda: fs.cat_file(path),
+        f"read {uri}",
+        retries,
+        base_delay=base_delay,
+        max_delay=max_delay,
+    )
 
 
 def _rejoin(uri: str, path: str) -> str:
@@ -270,18 +301,35 @@ def list_inputs(cfg: InputConfig) -> list[InputRef]:
     for i, uri in enumerate(cfg.uris):
         if not allowed and not is_object_store(uri):
             raise InputError(f"input.uris[{i}]: {uri}: {why}")
-        uris.update(_expand_uri(i, uri, opts, tuple(cfg.extensions)))
+        uris.update(
+            retry_transient(  # a throttled listing must not fail the job before it starts
+                lambda i=i, uri=uri: _expand_uri(i, uri, opts, tuple(cfg.extensions)),
+                f"listing input.uris[{i}] {uri}",
+            )
+        )
     if cfg.uris and not uris:
         raise InputError(f"input.uris matched no files: {cfg.uris} (extensions {cfg.extensions})")
     if cfg.manifest:
-        entries = _manifest_entries(cfg.manifest, opts)
+        manifest = cfg.manifest
+        entries = retry_transient(
+            lambda: _manifest_entries(manifest, opts), f"reading input.manifest {manifest}"
+        )
         if not entries:
             raise InputError(f"input.manifest: {cfg.manifest} lists no URIs")
+        stores = {_store_family(u) for u in (*cfg.uris, manifest) if is_object_store(u)}
         for where, entry in entries:
             if not is_object_store(entry):
                 if not allowed:
                     raise InputError(f"input.manifest: {cfg.manifest} {where}: {entry}: {why}")
                 entry = _local_path(entry)
+            elif not allowed and stores and _store_family(entry) not in stores:
+                # Only the job's own object store: wrapper filesystems (zip://, tar://,
+                # simplecache://, ...) open local files, and http(s):// reaches any host.
+                raise InputError(
+                    f"input.manifest: {cfg.manifest} {where}: {entry}: other filesystems are "
+                    f"not allowed in a job on object storage (only "
+                    f"{', '.join(sorted(s + '://' for s in stores))}; see input.allow_local)"
+                )
             uris.add(entry)
     logger.info("listed %d inputs", len(uris))
     return [InputRef(u, image_id_for(u)) for u in sorted(uris)]

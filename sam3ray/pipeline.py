@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -18,11 +19,11 @@ from functools import partial
 from typing import Any
 
 from sam3ray.config import JobConfig, redact, validate_paths
-from sam3ray.inputs import list_inputs
+from sam3ray.inputs import list_inputs, retry_transient
 from sam3ray.output import clear_output, scan_markers, write_run_summary
 from sam3ray.prompts import load_concepts, load_geometric
 from sam3ray.shards import orphaned_shard_ids, plan_shards
-from sam3ray.stages import SegmentShard, SegmentSpec, decode_shard, write_shard
+from sam3ray.stages import FAULT_ENV_VARS, SegmentShard, SegmentSpec, decode_shard, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     )
     refs = list_inputs(cfg.input)
     if cfg.output.mode == "overwrite":
-        clear_output(out_uri, out_opts)
-    markers = scan_markers(out_uri, out_opts) if cfg.output.mode == "resume" else {}
+        retry_transient(lambda: clear_output(out_uri, out_opts), f"clearing {out_uri}")
+    markers = (
+        retry_transient(lambda: scan_markers(out_uri, out_opts), f"listing markers in {out_uri}")
+        if cfg.output.mode == "resume"
+        else {}
+    )
     todo, skipped = plan_shards(refs, cfg.output.shard_size, markers, cfg.output.retry_errors)
     orphans = orphaned_shard_ids(todo + skipped, markers)
     if orphans:
@@ -186,7 +191,13 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         summary["failure"] = (
             f"error rate {rate:.3f} exceeds output.max_error_rate {cfg.output.max_error_rate}"
         )
-    summary["summary_uri"] = write_run_summary(out_uri, out_opts, run_id, summary)
+    summary["summary_uri"] = retry_transient(  # idempotent: one object, written whole
+        lambda: write_run_summary(out_uri, out_opts, run_id, summary),
+        f"writing the run summary to {out_uri}",
+        retries=8,
+        base_delay=0.5,
+        max_delay=30.0,
+    )
     if summary["status"] == "failed":
         raise JobFailed(summary["failure"], summary)
     return summary
@@ -251,6 +262,7 @@ def _dataset(cfg, run_id, concepts, geometric, todo, markers):
         num_cpus=cfg.resources.cpus_per_actor,
         max_restarts=-1,
         max_task_retries=-1,
+        **_fault_injection_env(),
     )
     return ds.map(
         partial(
@@ -261,6 +273,17 @@ def _dataset(cfg, run_id, concepts, geometric, todo, markers):
         ),
         num_cpus=0.25,
     )
+
+
+def _fault_injection_env() -> dict[str, Any]:
+    """Forward the tests' fault-injection switches (stages.FAULT_ENV_VARS) to the actors.
+
+    Nothing is added unless the driver's environment sets one, so a normal job's
+    actors get no runtime_env of their own. Needed because a Ray started earlier
+    (a shared test session) does not see variables the driver sets later.
+    """
+    env = {k: os.environ[k] for k in FAULT_ENV_VARS if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def summary_text(summary: dict[str, Any]) -> str:

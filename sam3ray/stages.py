@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from sam3ray.decode import DecodeError, decode_image, downscale_long_side
-from sam3ray.inputs import read_bytes
+from sam3ray.inputs import read_bytes, retry_transient
 from sam3ray.output_schema import detections_table, images_table, utc_now
 from sam3ray.types import ConceptSet
 
@@ -86,6 +86,37 @@ def decode_shard(
     }
 
 
+# -- fault injection (tests only; off unless the environment asks for it) -----------------
+
+#: Hard-exit the SAM 3 actor process on its N-th shard, after inference and before the
+#: result is returned, so the shard's work is lost and must be redone by a restarted
+#: actor. Fires once per job: the first process to fire creates a marker file in
+#: ``SAM3RAY_FAULT_STATE_DIR`` (required) and restarted actors see it and carry on.
+FAULT_ACTOR_EXIT_ON_BATCH = "SAM3RAY_FAULT_ACTOR_EXIT_ON_BATCH"
+FAULT_STATE_DIR = "SAM3RAY_FAULT_STATE_DIR"
+#: Environment variables that pipeline.py forwards from the driver to the actors.
+FAULT_ENV_VARS = (FAULT_ACTOR_EXIT_ON_BATCH, FAULT_STATE_DIR)
+
+
+def _fault_actor_exit(batch_number: int) -> None:
+    wanted = os.environ.get(FAULT_ACTOR_EXIT_ON_BATCH, "")
+    if not wanted.strip().isdigit() or int(wanted) != batch_number:
+        return
+    state_dir = os.environ.get(FAULT_STATE_DIR)
+    if not state_dir:
+        logger.warning("%s is set but %s is not: no fault injected", *FAULT_ENV_VARS)
+        return
+    marker = os.path.join(state_dir, "actor-exit.fired")
+    try:  # O_EXCL: exactly one process in the whole job wins
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    os.write(fd, f"pid {os.getpid()} batch {batch_number}\n".encode())
+    os.close(fd)
+    logger.warning("fault injection: actor %d exits hard on batch %d", os.getpid(), batch_number)
+    os._exit(17)
+
+
 @dataclass
 class SegmentSpec:
     """Everything an actor needs to build its engine (small and picklable)."""
@@ -111,6 +142,7 @@ class SegmentShard:
     def __init__(self, spec: SegmentSpec) -> None:
         self.spec = spec
         self.engine = None
+        self.batches = 0  # shards handled by this instance (fault injection counts them)
 
     def setup(self) -> None:
         from sam3ray.model.engine import EngineConfig, Sam3Engine
@@ -148,12 +180,22 @@ class SegmentShard:
             idx = todo[start : start + step]
             try:
                 self._run_batch(row, idx, dets, n_det, infer_ms)
-            except Exception as exc:  # keep the shard: mark this batch's inputs failed
-                logger.exception("inference failed on shard %s", row["shard_id"])
-                for i in idx:
-                    status[i], reasons[i] = "error", "inference_failed"
-                    errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+            except Exception:  # keep the shard: find the input(s) that broke the batch
+                logger.exception(
+                    "inference failed on shard %s; retrying one by one", row["shard_id"]
+                )
                 dets = [d for d in dets if d["image_id"] not in {row["image_ids"][i] for i in idx}]
+                for i in idx:  # one poison image must not cost its batch-mates their labels
+                    try:
+                        self._run_batch(row, [i], dets, n_det, infer_ms)
+                    except Exception as exc:
+                        logger.exception("inference failed on %s", row["uris"][i])
+                        status[i], reasons[i] = "error", "inference_failed"
+                        errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+                        n_det[i], infer_ms[i] = 0, 0.0
+                        dets = [d for d in dets if d["image_id"] != row["image_ids"][i]]
+        self.batches += 1
+        _fault_actor_exit(self.batches)  # no-op unless a fault-injection test asks for it
         images = self._images_rows(row, status, errors, reasons, n_det, infer_ms)
         return {
             "shard_id": row["shard_id"],
@@ -271,7 +313,18 @@ def write_shard(
     if row.get("previous_files"):
         previous = Marker(row["shard_id"], "", 0, 0, 0, 0, run_id, tuple(row["previous_files"]), "")
     writer = ShardWriter(output_uri, storage_options)
-    marker = writer.write_shard(row["shard_id"], row["members_hash"], det, img, run_id, previous)
+    # Writing a shard is idempotent (same file names, marker last), so a write that
+    # fails transiently (throttling, 5xx, a dropped connection) after the storage
+    # client's own retries gave up is redone whole, with a longer backoff.
+    marker = retry_transient(
+        lambda: writer.write_shard(
+            row["shard_id"], row["members_hash"], det, img, run_id, previous
+        ),
+        f"writing shard {row['shard_id']}",
+        retries=8,
+        base_delay=0.5,
+        max_delay=30.0,
+    )
     reasons = Counter(r for r in img.column("error_reason").to_pylist() if r)
     per_concept = Counter(det.column("concept").to_pylist())
     return {

@@ -277,13 +277,17 @@ class Sam3Engine:
         thresholds = torch.tensor(
             [self._threshold(q.class_id) for q in queries], device=probs.device
         )
-        keep = probs >= thresholds[:, None]
-        for qi, di in keep.nonzero().tolist():
+        keep = (probs >= thresholds[:, None]).nonzero()
+        # Copy out only the survivors: views would pin this pack's full mask
+        # tensor (queries × num_queries × h' × w') until the batch ends.
+        q_idx, d_idx = keep[:, 0], keep[:, 1]
+        kept_scores = probs[q_idx, d_idx].tolist()
+        kept_boxes = boxes[q_idx, d_idx]
+        kept_masks = pred_masks[q_idx, d_idx]
+        for j, qi in enumerate(q_idx.tolist()):
             q = queries[qi]
             per_image[q.image].candidates.append(
-                _Candidate(
-                    q.image, q.class_id, q, float(probs[qi, di]), boxes[qi, di], pred_masks[qi, di]
-                )
+                _Candidate(q.image, q.class_id, q, kept_scores[j], kept_boxes[j], kept_masks[j])
             )
 
     def _threshold(self, class_id: str) -> float:

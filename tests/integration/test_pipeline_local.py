@@ -1,0 +1,400 @@
+"""The image job end to end on a real local Ray, local files in and out.
+
+One job over 16 generated images (JPEG and PNG, <= 320 px, two folders) runs
+once per module; the tests check what it wrote with generic readers and
+against the engine run directly. Resume, validation before Ray, the CLI's exit
+codes and geometric prompts have their own small jobs. Helpers and constants
+come from tests/integration/conftest.py through the ``it`` fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from sam3ray.cli import main as cli_main
+from sam3ray.pipeline import run_job
+from sam3ray.types import Exemplar
+
+pytestmark = pytest.mark.integration
+
+N_IMAGES = 16
+
+
+@pytest.fixture(scope="module")
+def local_job(it, ray_session, tiny_checkpoint, concepts_csv, tmp_path_factory):
+    """16 images, shard_size 3 (a shard holds at most 6, so >= 3 shards), one run."""
+    root = tmp_path_factory.mktemp("local-job")
+    uris = it.write_images(root / "images", N_IMAGES)
+    out = str(root / "labels")
+    cfg = it.job_config(
+        uris=[str(root / "images")], concepts=concepts_csv, checkpoint=tiny_checkpoint, output=out
+    )
+    summary = run_job(cfg)
+    print("local job timing", summary["timing_s"], summary["actors"], summary["shards"])
+    return {"cfg": cfg, "uris": uris, "out": out, "summary": summary}
+
+
+def test_images_table_invariant_and_summary(it, local_job):
+    s, uris = local_job["summary"], local_job["uris"]
+    images, detections = it.read_output(local_job["out"])
+
+    it.check_images_invariant(images, detections, uris)
+    assert set(images.column("status").to_pylist()) == {"ok"}
+    assert set(images.column("run_id").to_pylist()) == {s["run_id"]}
+    assert s["status"] == "succeeded"
+    assert (s["inputs_total"], s["inputs_processed"], s["ok"], s["errors"]) == (16, 16, 16, 0)
+    assert s["detections"] == detections.num_rows > 0
+    per_concept = detections.group_by("concept").aggregate([("score", "count")]).to_pylist()
+    assert s["detections_by_concept"] == {r["concept"]: r["score_count"] for r in per_concept}
+    on_disk = json.loads(Path(local_job["out"], "runs", f"{s['run_id']}.json").read_text())
+    assert on_disk["detections"] == s["detections"] and on_disk["status"] == "succeeded"
+    # 320-px images were downscaled to max_imgsz (256) for the model, yet the
+    # tables report them (and their masks, see check_images_invariant) in original pixels.
+    assert {(r["width"], r["height"]) for r in images.to_pylist()} >= {(320, 240), (320, 320)}
+
+
+def test_model_loaded_once_per_actor(local_job):
+    s = local_job["summary"]
+    loads = s["actors"]["model_loads_per_actor"]
+    assert loads and all(n == 1 for n in loads), loads
+    assert s["actors"]["count"] == len(loads) <= 2
+    assert s["shards"]["done_now"] > s["actors"]["count"], "shards must outnumber actors"
+
+
+def test_output_matches_engine_run_directly(it, local_job, direct_engine):
+    _, detections = it.read_output(local_job["out"])
+    want = it.engine_reference(direct_engine, local_job["uris"])
+    it.assert_same_as_engine(it.scores_by_key(detections), want)
+
+
+def test_output_readable_by_pyarrow_pandas_duckdb(it, local_job):
+    out, s = local_job["out"], local_job["summary"]
+    det_dir = f"{out}/detections"
+
+    hive = ds.dataset(det_dir, format="parquet", partitioning="hive")
+    table = hive.to_table()
+    assert table.num_rows == s["detections"]
+    assert set(table.column("class_id").to_pylist()) <= set(it.CLASS_IDS)
+    cat_only = hive.to_table(filter=ds.field("class_id") == it.CAT)
+    assert cat_only.num_rows > 0 and set(cat_only.column("concept").to_pylist()) == {"cat"}
+
+    pdf = pd.read_parquet(det_dir)
+    assert len(pdf) == s["detections"]
+    pd_counts = pdf.groupby(pdf["class_id"].astype(str)).size().to_dict()
+
+    rows = duckdb.sql(
+        f"select class_id, concept, count(*) from read_parquet('{det_dir}/*/*.parquet', "
+        "hive_partitioning=true) group by 1, 2"
+    ).fetchall()
+    assert {c: n for c, _, n in rows} == pd_counts
+    assert {concept: n for _, concept, n in rows} == s["detections_by_concept"]
+    images = duckdb.sql(
+        "select count(*), count(distinct image_id), sum(n_detections) "
+        f"from read_parquet('{out}/images/*.parquet')"
+    ).fetchall()
+    assert images == [(N_IMAGES, N_IMAGES, s["detections"])]
+
+    # Partitions are class_id=<uuid>/ with at most one file per shard (few files).
+    shards = s["shards"]["done_now"]
+    for part in Path(det_dir).iterdir():
+        assert part.name.startswith("class_id=") and part.name[len("class_id=") :] in it.CLASS_IDS
+        files = [f for f in os.listdir(part) if f.endswith(".parquet")]
+        assert 1 <= len(files) <= shards, (part.name, len(files), shards)
+    assert len(os.listdir(f"{out}/images")) == shards
+
+
+def test_resume_skips_done_shards_and_redoes_only_a_removed_one(it, local_job, tmp_path):
+    first = local_job["summary"]
+    n_shards = first["shards"]["done_now"]
+    out = str(tmp_path / "labels")
+    shutil.copytree(local_job["out"], out)  # the module's output stays as it was
+    base = local_job["cfg"]
+    cfg = base.model_copy(update={"output": base.output.model_copy(update={"uri": out})})
+    before = it.detection_set(it.read_output(out)[1])
+
+    t0 = time.perf_counter()
+    again = run_job(cfg)
+    wall = time.perf_counter() - t0
+    assert again["inputs_processed"] == 0 and again["shards"]["done_now"] == 0
+    assert (again["inputs_skipped_done"], again["shards"]["skipped"]) == (N_IMAGES, n_shards)
+    assert again["actors"]["count"] == 0, "no actor (no model load) when nothing is left"
+    assert wall < 10, f"a resume with nothing to do took {wall:.1f} s"
+
+    # Remove one shard's commit marker and every file it lists.
+    marker_path = sorted(Path(out, "_markers").glob("*.json"))[1]
+    marker = json.loads(marker_path.read_text())
+    for rel in marker["files"]:
+        os.remove(Path(out, rel))
+    marker_path.unlink()
+
+    redo = run_job(cfg)
+    assert redo["shards"]["done_now"] == 1 and redo["shards"]["skipped"] == n_shards - 1
+    assert redo["inputs_processed"] == marker["n_inputs"]
+    assert redo["detections"] == marker["n_detections"]
+    images, detections = it.read_output(out)
+    it.check_images_invariant(images, detections, local_job["uris"])
+    assert it.detection_set(detections) == before
+    # Only the removed shard carries the new run id; the other shards kept their files.
+    pairs = {(r["shard_id"], r["run_id"]) for r in images.to_pylist()}
+    assert {sid for sid, rid in pairs if rid == redo["run_id"]} == {marker["shard_id"]}
+    assert {rid for sid, rid in pairs if sid != marker["shard_id"]} == {first["run_id"]}
+
+
+def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path):
+    """In a fresh interpreter: run_job raises naming file, row and field; Ray never started."""
+    it.write_images(tmp_path / "images", 2)
+    cat, person = it.CAT, it.PERSON
+    bad = {
+        "bad-uuid.csv": f"class_id,name,text\n{cat},cat,cat\nnot-a-uuid,dog,dog\n",
+        "empty-prompt.csv": f"class_id,name,text\n{cat},cat,cat\n\n{person},,\n",
+        "min-score.csv": f"class_id,name,text,min_score\n{cat},cat,cat,1.5\n",
+    }
+    for name, text in bad.items():
+        it.write_concepts(tmp_path / name, text)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from sam3ray.config import JobConfig
+        from sam3ray.pipeline import run_job
+        from sam3ray.prompts import PromptTableError
+        messages = {{}}
+        for name in {sorted(bad)!r}:
+            cfg = JobConfig.model_validate({{
+                "input": {{"uris": [{str(tmp_path / "images")!r}]}},
+                "prompts": {{"concepts": {str(tmp_path)!r} + "/" + name}},
+                "model": {{"checkpoint": {tiny_checkpoint!r}, "device": "cpu"}},
+                "output": {{"uri": {str(tmp_path / "labels")!r}}},
+            }})
+            try:
+                run_job(cfg)
+            except PromptTableError as exc:
+                messages[name] = str(exc)
+        import ray
+        print(json.dumps({{"messages": messages, "ray_initialized": ray.is_initialized()}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ray_initialized"] is False
+    msgs = result["messages"]
+    assert "bad-uuid.csv row 3: class_id 'not-a-uuid' is not a UUID" in msgs["bad-uuid.csv"]
+    assert "empty-prompt.csv row 4: text: empty prompt" in msgs["empty-prompt.csv"]
+    assert "min-score.csv row 2: min_score 1.5 is not within 0..1" in msgs["min-score.csv"]
+    assert not (tmp_path / "labels").exists(), "nothing is written before validation passes"
+
+
+def test_actor_pool_that_leaves_no_cpu_for_decode_is_refused_not_hung(
+    it, tiny_checkpoint, tmp_path
+):
+    """resources.actors [2, 2] x cpus_per_actor 1 on a 2-CPU Ray: the pool's minimum takes
+    every CPU, so no decode task can ever be scheduled. The job must say so (naming the
+    resources.* fields) instead of waiting forever. Its own Ray, in its own process group,
+    killed after 60 s: a hang must not take the session's Ray down with it."""
+    images = tmp_path / "images"
+    it.write_images(images, 4)
+    concepts = it.write_concepts(tmp_path / "concepts.csv")
+    script = textwrap.dedent(
+        f"""
+        import json, time, ray
+        from sam3ray.config import JobConfig
+        from sam3ray.pipeline import run_job
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 * 1024)
+        cfg = JobConfig.model_validate({{
+            "input": {{"uris": [{str(images)!r}]}},
+            "prompts": {{"concepts": {concepts!r}}},
+            "model": {{"checkpoint": {tiny_checkpoint!r}, "device": "cpu", "dtype": "float32"}},
+            "inference": {{"max_imgsz": 256}},
+            "resources": {{"gpus_per_actor": 0, "cpus_per_actor": 1, "actors": [2, 2],
+                           "decode_cpus": 0.5}},
+            "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 2}},
+        }})
+        t0 = time.perf_counter()
+        try:
+            run_job(cfg)
+            out = {{"raised": None}}
+        except Exception as exc:
+            out = {{"raised": type(exc).__name__, "message": str(exc)}}
+        out["seconds"] = time.perf_counter() - t0
+        print(json.dumps(out), flush=True)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the group this test started: driver, raylet, workers
+        proc.communicate()
+        pytest.fail("run_job hung with an actor pool that leaves no CPU for decode tasks")
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["raised"] is not None, "expected a refusal naming resources.*"
+    assert "resources." in result["message"], result
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    """``sam3ray`` in this process (reusing the session's Ray): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_run_with_overrides(it, ray_session, tiny_checkpoint, concepts_csv, tmp_path):
+    uris = it.write_images(tmp_path / "images", 6)
+    cfg = it.job_config(
+        uris=[str(tmp_path / "images")],
+        concepts=concepts_csv,
+        checkpoint=tiny_checkpoint,
+        output=str(tmp_path / "not-this-one"),
+        run_id="cli-ok",
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(it.config_yaml(cfg))
+    out = tmp_path / "labels"
+
+    code, stdout, stderr = _cli(
+        ["run", str(config), "--set", f"output.uri={out}", "--set", "inference.conf=0.3"]
+    )
+    assert code == 0, stderr
+    assert "run cli-ok: succeeded" in stdout and "inputs 6 (processed 6" in stdout
+    assert f"summary: {out}/runs/cli-ok.json" in stdout
+    assert not (tmp_path / "not-this-one").exists()
+
+    summary = json.loads((out / "runs" / "cli-ok.json").read_text())
+    assert summary["config"]["inference"]["conf"] == 0.3
+    images, detections = it.read_output(str(out))
+    it.check_images_invariant(images, detections, uris)
+    scores = detections.column("score").to_pylist()
+    # The override took effect: nothing under 0.3, something in [0.3, 0.4).
+    assert min(scores) >= 0.3 - 1e-6 and any(s < 0.4 for s in scores)
+
+
+def test_cli_config_error_exits_2(tmp_path):
+    """The installed console script, in its own process: exit code 2, message on stderr."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "input: {uris: [images]}\nprompts: {concepts: c.csv}\n"
+        "model: {checkpoint: m.pt}\ninference: {conf: 4}\noutput: {uri: out}\n"
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "sam3ray"), "run", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{config}: inference.conf: Input should be less than or equal to 1" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_error_rate_exceeded_exits_3(it, ray_session, tiny_checkpoint, concepts_csv, tmp_path):
+    images = tmp_path / "images"
+    it.write_images(images, 3)
+    for i in range(3):  # 3 of 6 inputs are not images: error rate 0.5 > 0.2
+        (images / f"broken-{i}.jpg").write_bytes(b"<html>not a jpeg</html>")
+    inputs = sorted(str(p.resolve()) for p in images.rglob("*.*"))
+    out = tmp_path / "labels"
+    cfg = it.job_config(
+        uris=[str(images)],
+        concepts=concepts_csv,
+        checkpoint=tiny_checkpoint,
+        output=str(out),
+        run_id="cli-fail",
+        max_error_rate=0.2,
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(it.config_yaml(cfg))
+
+    code, stdout, stderr = _cli(["run", str(config)])
+    assert code == 3, stderr
+    assert "FAILED: error rate 0.500 exceeds output.max_error_rate 0.2" in stderr
+    assert "run cli-fail: failed" in stdout and "error not_an_image: 3" in stdout
+
+    summary = json.loads((out / "runs" / "cli-fail.json").read_text())
+    assert summary["status"] == "failed" and "max_error_rate" in summary["failure"]
+    assert (summary["ok"], summary["errors"]) == (3, 3)
+    assert summary["errors_by_reason"] == {"not_an_image": 3}
+    imgs, dets = it.read_output(str(out))
+    it.check_images_invariant(imgs, dets, inputs)
+
+
+# -- geometric prompts ------------------------------------------------------------------------
+
+
+def test_geometric_prompts_and_exemplar_outside_image(
+    it, ray_session, tiny_checkpoint, concepts_csv, direct_engine, tmp_path
+):
+    uris = it.write_images(tmp_path / "images", 6)
+    inside, outside = uris[0], uris[1]
+    box = (20.0, 30.0, 120.0, 140.0)  # inside every generated image (>= 160 px a side)
+    geometric = tmp_path / "geometric.csv"
+    geometric.write_text(
+        "image_uri,class_id,kind,x0,y0,x1,y1,positive\n"
+        f"{inside},{it.CAT},box,{box[0]},{box[1]},{box[2]},{box[3]},true\n"
+        f"{outside},{it.PERSON},box,10,10,900,900,true\n"
+    )
+    out = str(tmp_path / "labels")
+    cfg = it.job_config(
+        uris=[str(tmp_path / "images")],
+        concepts=concepts_csv,
+        checkpoint=tiny_checkpoint,
+        output=out,
+        geometric=str(geometric),
+    )
+    summary = run_job(cfg)
+    assert summary["status"] == "succeeded"
+    assert (summary["ok"], summary["errors"]) == (5, 1)
+    assert summary["errors_by_reason"] == {"exemplar_outside_image": 1}
+
+    images, detections = it.read_output(out)
+    it.check_images_invariant(images, detections, uris)
+    rows = {r["uri"]: r for r in images.to_pylist()}
+    bad = rows[outside]
+    assert bad["status"] == "error" and bad["error_reason"] == "exemplar_outside_image"
+    assert "outside" in bad["error"] and bad["n_detections"] == 0
+    assert all(r["status"] == "ok" for u, r in rows.items() if u != outside)
+
+    # The exemplar rode with the cat queries of its own image only.
+    det = detections.to_pylist()
+    cat_inside = [d for d in det if d["uri"] == inside and d["class_id"] == it.CAT]
+    assert cat_inside and all(d["query"].endswith("+1 box") for d in cat_inside)
+    assert not [d for d in det if d["uri"] != inside and "box" in d["query"]]
+
+    # Exactly what the engine finds when given the same exemplar directly.
+    want = it.engine_reference(
+        direct_engine,
+        [u for u in uris if u != outside],
+        exemplars={inside: {it.CAT: [Exemplar("box", box)]}},
+    )
+    it.assert_same_as_engine(it.scores_by_key(detections), want)
