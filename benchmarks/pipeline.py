@@ -10,15 +10,19 @@ concepts (CPU):
 (a) engine alone: in this process, the images are read and decoded exactly as
     the decode stage does (timed separately), then ``Sam3Engine.predict`` runs
     over them in batches of ``--images-per-batch`` after one warm-up batch.
-    Once per torch thread count: the threads one actor gets, and all cores.
+    With the torch threads one actor gets: before and after the jobs (the mean
+    is the baseline, the spread shows load drift); with all cores: after.
 (b) the job: ``run_job`` on a fresh local Ray for each ``--actors`` value
     (a fixed pool of n actors), output to a local directory (overwrite mode).
     Start-up is reported apart from throughput: ``timing_s.ray_init`` (Ray
     start), ``timing_s.first_shard`` (actor start-up + model load + the first
-    shard), and ``throughput.images_per_s_after_first_shard`` (the steady state).
+    shard), and ``throughput.images_per_s_after_first_shard`` (the steady state,
+    driver clock). ``actor_side`` gives the same rate from the shards' own
+    ``created_at`` stamps (see :func:`actor_side_rate` for why both).
 
 Pipeline efficiency = job images/s after the first shard ÷ engine-alone images/s,
-so start-up is excluded. Two baselines, because on a small machine they differ:
+so start-up is excluded. Every job's detection count is checked against the
+engine's. Two baselines, because on a small machine they differ:
 
 - ``per_actor``: n × (engine alone with the threads ONE actor gets). Ray sets
   an actor's OMP/torch threads to floor(num_cpus), at least 1; the actors here
@@ -151,6 +155,19 @@ def engine_alone(
         "images_per_s": round(len(arrays) / seconds, 3),
         "detections": n_det,
         "loadavg_1m_before_after": [load0, os.getloadavg()[0]],
+    }
+
+
+def engine_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several engine-alone runs at one thread count: the mean rate, and every run."""
+    rates = [r["images_per_s"] for r in runs]
+    return {
+        "torch_threads": runs[0]["torch_threads"],
+        "images": runs[0]["images"],
+        "images_per_s": round(sum(rates) / len(rates), 3),
+        "images_per_s_runs": rates,
+        "detections": runs[0]["detections"],
+        "runs": runs,
     }
 
 
@@ -297,7 +314,7 @@ def annotate(result: dict[str, Any]) -> None:
     """Add ``warnings``: a shared, overloaded machine, or a job whose detections differ."""
     cores = result["machine"]["cpu_count"] or 1
     loads = [*result["machine"]["loadavg_1_5_15_start"][:1]]
-    for item in [*result["engine_alone"], *result["jobs"]]:
+    for item in [*(r for e in result["engine_alone"] for r in e["runs"]), *result["jobs"]]:
         loads += item["loadavg_1m_before_after"]
     warnings = []
     if max(loads) > cores:
@@ -306,7 +323,7 @@ def annotate(result: dict[str, Any]) -> None:
             "shared the CPUs, so wall-clock rates (and the efficiencies) are noisy; compare "
             "only runs taken under similar load"
         )
-    want = {e["detections"] for e in result["engine_alone"]}
+    want = {r["detections"] for e in result["engine_alone"] for r in e["runs"]}
     for job in result["jobs"]:
         job["detections_match_engine"] = {job["detections"]} == want
         if not job["detections_match_engine"]:
@@ -321,9 +338,11 @@ def table(result: dict[str, Any]) -> str:
         f"{'1st shard':>10}{'eff/actor':>10}{'(actor)':>8}{'eff/machine':>12}",
     ]
     for e in result["engine_alone"]:
+        runs = "  (runs: " + ", ".join(f"{r:.2f}" for r in e["images_per_s_runs"]) + ")"
         lines.append(
             f"{'engine alone':<20}{e['torch_threads']:>8}{e['images']:>7}"
             f"{e['images_per_s']:>7.2f}{'':>8}{'-':>9}{'-':>10}{'-':>10}{'':>8}{'-':>12}"
+            + (runs if len(e["images_per_s_runs"]) > 1 else "")
         )
     for j in result["jobs"]:
         eff = j.get("efficiency", {})
@@ -407,18 +426,24 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s": round(len(files["uris"]) / decoded[2], 3),
         }
         cores = os.cpu_count() or 1
-        per_actor_threads = {max(1, math.floor(cpus_per_actor(n, cores, args.decode_cpus)))
-                             for n in args.actors}  # fmt: skip
-        engines = {}
-        for threads in sorted(per_actor_threads | {cores}):
+        per_actor_threads = sorted({max(1, math.floor(cpus_per_actor(n, cores, args.decode_cpus)))
+                                    for n in args.actors})  # fmt: skip
+        # The per-actor baseline is measured before AND after the jobs (its mean is
+        # used; the spread shows how much the machine's load moved meanwhile).
+        runs: dict[int, list[dict[str, Any]]] = {}
+        for threads in per_actor_threads:
             print(f"engine alone, {threads} torch thread(s) ...", flush=True)
-            engines[threads] = engine_alone(files, args, threads, decoded)
-        del decoded
-        result["engine_alone"] = [engines[t] for t in sorted(engines)]
+            runs.setdefault(threads, []).append(engine_alone(files, args, threads, decoded))
         jobs = []
         for n in args.actors:
             print(f"job, {n} actor(s) ...", flush=True)
             jobs.append(run_pipeline(files, args, n, workdir))
+        for threads in sorted({*per_actor_threads, cores}):
+            print(f"engine alone, {threads} torch thread(s) ...", flush=True)
+            runs.setdefault(threads, []).append(engine_alone(files, args, threads, decoded))
+        del decoded
+        engines = {t: engine_summary(rs) for t, rs in runs.items()}
+        result["engine_alone"] = [engines[t] for t in sorted(engines)]
         efficiencies(jobs, engines)
         result["jobs"] = jobs
         result["machine"]["loadavg_1_5_15_end"] = list(os.getloadavg())

@@ -9,6 +9,7 @@ boundaries (and therefore output file names) are the same on every run.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import os
@@ -44,6 +45,12 @@ _TRANSIENT_CODES = {
 }  # fmt: skip
 _TRANSIENT_NAMES = ("connection", "timeout", "throttl", "slowdown", "disconnected",
                     "incompleteread", "responsestreaming", "clientpayload")  # fmt: skip
+
+
+_FINAL_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+    errno.EISDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.ENOENT,
+}  # fmt: skip
 
 
 class InputError(ValueError):
@@ -153,6 +160,8 @@ def is_transient(exc: BaseException) -> bool:
         if code is not None or status is not None:
             return (code or "").lower() in _TRANSIENT_CODES or (status or 0) >= 500 or status == 429
     for err in chain:
+        if isinstance(err, OSError) and err.errno in _FINAL_ERRNOS:
+            return False  # a full or read-only disk does not heal in a minute of retries
         name = type(err).__name__.lower()
         if isinstance(err, (OSError, ConnectionError, TimeoutError)) or any(
             n in name for n in _TRANSIENT_NAMES

@@ -53,19 +53,22 @@ def rle_bbox(counts: bytes, size: tuple[int, int]) -> tuple[float, float, float,
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[list[float]]:
-    """Outer contours of a boolean mask as flat [x0, y0, x1, y1, ...] lists.
+    """Outer contours of a boolean mask as flat ``[x0, y0, x1, y1, ...]`` pixel-edge lists.
 
-    Label tools that cannot read RLE (Label Studio polygons, CVAT) need polygons.
-    Uses scikit-image's marching squares; tiny fragments (< 3 points) are dropped.
+    Label tools that cannot read RLE (Label Studio polygons, CVAT, COCO polygons)
+    need polygons. Coordinates are on pixel edges (a pixel square spans x..x+1),
+    as COCO rasterises them, and holes are dropped: a hole's contour returned as
+    another polygon would be drawn as a filled region of the class.
     """
     from skimage import measure
 
-    padded = np.pad(mask.astype(np.uint8), 1)
+    h, w = mask.shape
     polygons = []
-    for contour in measure.find_contours(padded, 0.5):
-        contour = measure.approximate_polygon(contour, tolerance) - 1  # undo padding
-        if len(contour) < 3:
-            continue
-        flat = np.flip(contour, axis=1).clip(min=0).ravel().tolist()  # (row, col) -> (x, y)
-        polygons.append([round(v, 2) for v in flat])
+    for contour in measure.find_contours(np.pad(mask.astype(np.uint8), 1), 0.5):
+        rc = measure.approximate_polygon(contour, tolerance) - 0.5  # padded centres -> edges
+        x, y = rc[:, 1], rc[:, 0]
+        if len(rc) < 4 or np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) <= 0:
+            continue  # a hole (clockwise in x, y) or a degenerate sliver
+        xy = np.stack([np.clip(x, 0, w), np.clip(y, 0, h)], axis=1)[:-1]  # drop closing repeat
+        polygons.append(np.round(xy, 2).ravel().tolist())
     return polygons

@@ -196,15 +196,17 @@ def _write_annotations(
             params = {"class_id": class_id, "min_score": floor, "category_id": category_id}
             for batch in batches(con, _ANNOTATIONS_SQL, params):
                 tracks = batch.column("track_id").to_pylist()
-                results = batch.column("res").to_pylist()
-                for ann, res_json, track in zip(batch.column("ann").to_pylist(), results, tracks):
+                anns, lines, res_lines = batch.column("ann").to_pylist(), [], []
+                for ann, res_json, track in zip(anns, batch.column("res").to_pylist(), tracks):
                     n += 1
                     if track is not None:
                         ann = f'{ann[:-1]},"track_id":{track}}}'
                     sep = "\n" if n == 1 else ",\n"
-                    f.write(f'{sep}{{"id":{n},{ann[1:]}')
-                    if res is not None:
-                        res.write(sep + res_json)
+                    lines.append(f'{sep}{{"id":{n},{ann[1:]}')
+                    res_lines.append(sep + res_json)
+                f.write("".join(lines))
+                if res is not None:
+                    res.write("".join(res_lines))
         if res is not None:
             res.write("\n]\n")
     return n

@@ -42,7 +42,7 @@ from sam3ray.analytics import (
     sql_list,
     stream,
 )
-from sam3ray.masks import decode_rle
+from sam3ray.masks import decode_rle, mask_to_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -145,24 +145,12 @@ def brush_rle_to_mask(rle: Sequence[int] | bytes, height: int, width: int) -> np
 
 
 def mask_to_percent_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[list[list[float]]]:
-    """Outer contours as ``[[x%, y%], ...]`` lists on pixel edges (0..100), holes dropped.
-
-    Its own marching squares (not ``sam3ray.masks.mask_to_polygons``) because Label
-    Studio needs exactly this: edge coordinates (a pixel square spans x..x+1) and
-    no hole contours, which Label Studio would draw as filled regions of the class.
-    """
-    from skimage import measure
-
+    """Outer contours as ``[[x%, y%], ...]`` (0..100): Label Studio's polygon units."""
     h, w = mask.shape
-    polygons = []
-    for contour in measure.find_contours(np.pad(mask.astype(np.uint8), 1), 0.5):
-        rc = measure.approximate_polygon(contour, tolerance) - 0.5  # padded centres -> edges
-        x, y = rc[:, 1], rc[:, 0]
-        if len(rc) < 4 or np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) <= 0:
-            continue  # a hole (clockwise in x, y) or a degenerate sliver
-        pct = np.stack([np.clip(x, 0, w) * 100 / w, np.clip(y, 0, h) * 100 / h], axis=1)
-        polygons.append(np.round(pct[:-1], 4).tolist())  # closed contour: drop the repeat
-    return polygons
+    return [
+        np.round(np.asarray(flat).reshape(-1, 2) * [100 / w, 100 / h], 4).tolist()
+        for flat in mask_to_polygons(mask, tolerance)
+    ]
 
 
 def labeling_config(
@@ -177,6 +165,9 @@ def labeling_config(
 
 
 def _results(row: dict[str, Any], name: str, fmt: str, names: tuple[str, str]) -> list[dict]:
+    """The result item(s) of one detection: one brush, or one polygon per outer contour."""
+    if row["mask_rle"] is None:  # the engine always writes masks; nothing to draw without one
+        return []
     mask = decode_rle(row["mask_rle"], row["mask_size"])
     key = f"{row['image_id']}/{row['class_id']}/{row['score']}/{row['mask_rle'][:32]!r}"
     rid = hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -195,6 +186,8 @@ def _results(row: dict[str, Any], name: str, fmt: str, names: tuple[str, str]) -
 
 @dataclass(frozen=True)
 class LabelStudioExport:
+    """What was written: the file, its tasks and their result items."""
+
     path: str
     tasks: int
     results: int
@@ -221,12 +214,10 @@ def export_labelstudio(
     con = connect(output_uri, storage_options)
     n_tasks = n_results = 0
     try:
-        video = con.execute("SELECT count(*) FROM det WHERE frame_index IS NOT NULL").fetchall()[0][
-            0
-        ]
-        if video:
+        (video,) = con.execute("SELECT count(*) FROM det WHERE frame_index IS NOT NULL").fetchall()
+        if video[0]:
             logger.warning(
-                "%d video detections not exported (Label Studio video tasks differ)", video
+                "%d video detections left out (Label Studio video tasks differ)", video[0]
             )
         sql = _TASKS_SQL.format(classes=sql_list(sorted(names) or [""]))
         with open_output(out, storage_options) as f:

@@ -13,8 +13,9 @@ Which requests fail does not depend on thread timing: whether a request (method 
 path + query) fails, and how many attempts in a row, is a hash of (seed, request),
 so the same job always meets the same failures. ``fail_rate`` of the requests
 fail once; of those, ``burst_share`` fail ``burst_failures`` attempts in a row
-(a throttled prefix: longer than s3fs's own 5 tries, so the application's
-retries must carry them). Every request eventually gets through, so a client
+(a throttled prefix: as long as s3fs's own 5 tries, so the application's
+retries must carry them), and so does the first request matching each of
+``forced_bursts``. Every request eventually gets through, so a client
 that retries enough always succeeds: the test is about retrying, not about luck.
 """
 
@@ -58,6 +59,7 @@ class FlakyS3Proxy:
         burst_share: float = 0.0,
         burst_failures: int = 5,
         aliases: dict[str, str] | None = None,
+        forced_bursts: list[tuple[str, str]] | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.hostname != "127.0.0.1":
@@ -72,6 +74,10 @@ class FlakyS3Proxy:
         # the same objects meet the same failures in every session.
         self.aliases = dict(aliases or {})
         self.bursts_served: int = 0  # requests that got through after a whole burst
+        # (method, substring): the first request matching each gets a burst, whatever the
+        # hash says, so a test can count on e.g. one throttled read and one throttled write.
+        self._unclaimed = list(forced_bursts or [])
+        self._forced: dict[str, int] = {}
         self.forwarded: Counter = Counter()  # method -> requests passed to moto
         self.injected: Counter = Counter()  # method -> requests answered 503
         self.injected_kinds: Counter = Counter()  # "GET object", "GET bucket" (a listing), ...
@@ -144,7 +150,15 @@ class FlakyS3Proxy:
         with self._lock:
             attempt = self._attempts[key]
             self._attempts[key] += 1
-        failures = self.failures_for(method, target)
+            if attempt == 0:
+                for pattern in self._unclaimed:
+                    if pattern[0] == method and pattern[1] in target:
+                        self._unclaimed.remove(pattern)
+                        self._forced[key] = self.burst_failures
+                        break
+            failures = self._forced.get(key)
+        if failures is None:
+            failures = self.failures_for(method, target)
         if failures > 1 and attempt == failures:
             with self._lock:
                 self.bursts_served += 1

@@ -201,13 +201,14 @@ def test_driver_sigkill_then_resume_equals_clean_run(
 def test_flaky_object_storage_loses_nothing(
     ray_session, moto_s3, fault_inputs, concepts, tiny_checkpoint, clean_run
 ):
-    """20% of requests (reads, listings, writes) get 503 SlowDown; some for 5 tries in a
+    """20% of requests (reads, listings, writes) get 503 SlowDown, some for 5 tries in a
     row. Botocore's retries are off, so s3fs's and sam3ray's own retries must carry it."""
     bucket, _ = fault_inputs
     out_bucket = "sam3ray-faults-out"
     moto_s3.boto3_client().create_bucket(Bucket=out_bucket)
+    forced = [("GET", "/in/img-003.png"), ("PUT", "/images/part-"), ("GET", "list-type=2")]
     with FlakyS3Proxy(
-        moto_s3.endpoint_url, fail_rate=0.2, burst_share=0.3, burst_failures=5
+        moto_s3.endpoint_url, fail_rate=0.2, burst_share=0.3, forced_bursts=forced
     ) as proxy:
         opts = proxy.storage_options(config_kwargs={"retries": {"max_attempts": 1}})
         cfg = job_config(
@@ -218,9 +219,10 @@ def test_flaky_object_storage_loses_nothing(
             output=f"s3://{out_bucket}/labels",
         )
         summary = run_job(cfg)
-    print("injected:", dict(proxy.injected_kinds), "bursts:", proxy.bursts_served)
-    assert proxy.injected["GET"] > 0 and proxy.injected["PUT"] > 0, dict(proxy.injected_kinds)
-    assert proxy.bursts_served > 0, "no request needed the application's retries"
+    # A read, a write and a listing each failed 5 times in a row (beyond s3fs's tries):
+    # only sam3ray's own retries got them through.
+    assert proxy.bursts_served >= 3, (proxy.bursts_served, dict(proxy.injected_kinds))
+    assert proxy.injected_kinds["PUT object"] >= 5 and proxy.injected_kinds["GET object"] >= 5
     clean_images, clean_detections = clean_run
     assert summary["ok"] == N_IMAGES and summary["errors"] == 0
     assert summary["detections"] == clean_detections.num_rows

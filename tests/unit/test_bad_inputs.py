@@ -6,6 +6,7 @@ driver, a flaky S3) are in tests/integration/test_faults.py.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -148,7 +149,13 @@ def test_retry_transient_retries_only_what_may_pass(caplog):
         assert retry_transient(flaky, "thing", 5, base_delay=0.001) == "done"
     assert len(calls) == 3 and caplog.text.count("thing failed") == 2
 
-    for final in (FileNotFoundError("gone"), PermissionError("denied"), ValueError("bad")):
+    finals = (
+        FileNotFoundError("gone"),
+        PermissionError("denied"),
+        ValueError("bad"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    )
+    for final in finals:
         calls.clear()
 
         def broken(exc=final):
@@ -217,7 +224,10 @@ def test_writes_and_listings_survive_a_throttled_store(moto_s3):
     moto_s3.boto3_client().create_bucket(Bucket=bucket)
     for i in range(12):
         moto_s3.put(bucket, f"in/{i:02d}.png", b"x")
-    with FlakyS3Proxy(moto_s3.endpoint_url, fail_rate=0.4, burst_share=0.3) as proxy:
+    forced = [("GET", "list-type=2"), ("PUT", "/_markers/")]
+    with FlakyS3Proxy(
+        moto_s3.endpoint_url, fail_rate=0.4, burst_share=0.3, forced_bursts=forced
+    ) as proxy:
         opts = proxy.storage_options(config_kwargs={"retries": {"max_attempts": 1}})
         from sam3ray.config import InputConfig
 
@@ -237,7 +247,7 @@ def test_writes_and_listings_survive_a_throttled_store(moto_s3):
                 row, output_uri=f"s3://{bucket}/out", storage_options=opts, run_id="r1"
             )
             assert (summary["n_inputs"], summary["n_detections"]) == (1, 1)
-    assert proxy.injected["PUT"] > 0 and proxy.bursts_served > 0
+    assert proxy.injected["PUT"] >= 5 and proxy.bursts_served >= 2
     markers = scan_markers(f"s3://{bucket}/out", moto_s3.storage_options)
     assert len(markers) == 2
     fs = moto_s3.pyarrow_filesystem()

@@ -288,6 +288,30 @@ def test_point_exemplar_runs_and_changes_the_output(tiny_model):
     assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3
 
 
+def test_kept_mask_logits_do_not_pin_whole_packs(tiny_model, monkeypatch):
+    """Memory regression (white-box): candidates waiting for post-processing must hold
+    only their own low-res mask logits, not views pinning each pack's full
+    queries × num_queries × h' × w' tensor until the batch ends (GBs at full size)."""
+    import sam3ray.model.engine as engine_mod
+
+    held: list[list[torch.Tensor]] = []
+    finish = engine_mod.Sam3Engine._finish
+
+    def spy(self, index, acc, size):
+        held.append([c.mask_logits for c in acc.candidates])
+        return finish(self, index, acc, size)
+
+    monkeypatch.setattr(engine_mod.Sam3Engine, "_finish", spy)
+    images = [scene(100, 120, seed=1), scene(120, 100, seed=2)]
+    engine = Sam3Engine(tiny_model, KNOB_CONCEPTS, EngineConfig(conf=0.8, queries_per_forward=2))
+    engine.predict(images)
+    tensors = [t for per_image in held for t in per_image]
+    assert 0 < len(tensors) < 2 * 3 * 20  # the threshold dropped most candidates
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    assert sum(storages.values()) <= own
+
+
 # --------------------------------------------------------------------------- post-processing
 
 KNOB_CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat", "kitten")), Concept(DOG, "dog", ("dog",))))

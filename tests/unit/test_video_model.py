@@ -220,3 +220,53 @@ def test_video_compat_shims_are_scoped_and_guard_empty_hole_filling():
     if not torch.cuda.is_available():
         with pytest.raises((AssertionError, RuntimeError)):
             torch.zeros(1, device="cuda")  # outside the context nothing is remapped
+
+
+def test_queries_follow_the_video_api_and_synonym_tracks_are_merged(caplog):
+    from sam3ray.masks import encode_rle
+    from sam3ray.model.video import TrackedDetection
+    from sam3ray.model.video_queries import build_video_queries, dedupe_tracks
+
+    concepts = ConceptSet(
+        (Concept(DISC, "disc", ("blue disc", "circle"), 0.6), Concept(THING, "thing", ()))
+    )
+    ex = {
+        DISC: [(5, Exemplar("box", BOX)), (2, Exemplar("box", BOX, False))],
+        THING: [(3, Exemplar("box", BOX)), (1, Exemplar("point", (5, 6))), (1, Exemplar("point", (7, 8), False))],
+    }  # fmt: skip
+    qs = build_video_queries(concepts, ex, 0.4)
+    assert [(q.label, q.frame, q.min_score) for q in qs] == [
+        ('text:"blue disc"+box@5', 5, 0.6),
+        ('text:"circle"+box@5', 5, 0.6),
+        ("visual+box@3", 3, 0.4),
+        ("points:+1-1@1", 1, 0.4),
+    ]
+    assert "negative boxes" in caplog.text
+
+    m = np.zeros((20, 20), bool)
+    m[2:12, 2:12] = True
+    rle, area = encode_rle(m)
+
+    def det(track, query, frame=0):
+        return TrackedDetection(frame, track, DISC, "disc", query, 0.9, (2, 2, 12, 12), rle, (20, 20), area)  # fmt: skip
+
+    dets = [det(0, qs[0].label), det(1, qs[1].label), det(2, qs[1].label, frame=1)]
+    assert [d.track for d in dedupe_tracks(dets, qs, 0.7)] == [0, 2], "a repeat is dropped"
+
+
+def test_point_prompts_add_an_object_through_the_tracker(stage, clip):
+    from sam3ray.model.video_queries import build_video_queries
+
+    ref, shards = clip
+    geo = GeometricPrompts([(None, ref.image_id, THING, Exemplar("point", (150, 35), True, 3))])
+    spec = stage.spec
+    old, spec.geometric = spec.geometric, geo
+    try:
+        row = _shifted(shards[0], 0).to_row()
+        row["frames"], row["owned"] = list(range(0, 6)), [0, 6]
+        table = _from_ipc(stage(row)["staging_ipc"]).to_pylist()
+    finally:
+        spec.geometric = old
+    pts = [r for r in table if r["query"] == "points:+1-0@3"]
+    assert pts and {r["score"] for r in pts} == {1.0}, "the clicked object is tracked"
+    assert build_video_queries(CONCEPTS, None, 0.0)[-1].text == "blue disc"
