@@ -140,12 +140,13 @@ def run_reference(processor, pil_images, texts: list[str], device: str, bf16: bo
     return n
 
 
-def timed(fn, device: str) -> tuple[float, Any]:
+def timed(fn, device: str) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds over all threads, result)."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def flops_per_image(fn, n_images: int) -> float:
@@ -195,8 +196,8 @@ def compare(
     def side_b():
         return run_reference(processor, pil_images, texts, device, bf16)
 
-    warm_a, det_a = timed(side_a, device)
-    warm_b, det_b = timed(side_b, device)
+    warm_a, _, det_a = timed(side_a, device)
+    warm_b, _, det_b = timed(side_b, device)
     logger.info(
         "concepts=%d warm-up: engine %.2fs (%d detections), reference %.2fs (%d detections)",
         n_concepts,
@@ -205,13 +206,23 @@ def compare(
         warm_b,
         det_b,
     )
-    times_a, times_b = [], []
+    times_a, times_b, cpu_a, cpu_b = [], [], [], []
     for r in range(args.repeats):
-        ta, _ = timed(side_a, device)
-        tb, _ = timed(side_b, device)
+        ta, ca, _ = timed(side_a, device)
+        tb, cb, _ = timed(side_b, device)
         times_a.append(ta)
         times_b.append(tb)
-        logger.info("concepts=%d repeat %d: engine %.3fs, reference %.3fs", n_concepts, r, ta, tb)
+        cpu_a.append(ca)
+        cpu_b.append(cb)
+        logger.info(
+            "concepts=%d repeat %d: engine %.3fs (cpu %.3fs), reference %.3fs (cpu %.3fs)",
+            n_concepts,
+            r,
+            ta,
+            ca,
+            tb,
+            cb,
+        )
     med_a, med_b = statistics.median(times_a), statistics.median(times_b)
     n = len(images)
     result: dict[str, Any] = {
@@ -219,18 +230,24 @@ def compare(
         "engine": {
             "warmup_s": warm_a,
             "times_s": times_a,
+            "cpu_times_s": cpu_a,
             "median_s": med_a,
+            "median_cpu_s": statistics.median(cpu_a),
             "images_per_s": n / med_a,
             "detections": det_a,
         },
         "reference": {
             "warmup_s": warm_b,
             "times_s": times_b,
+            "cpu_times_s": cpu_b,
             "median_s": med_b,
+            "median_cpu_s": statistics.median(cpu_b),
             "images_per_s": n / med_b,
             "detections": det_b,
         },
         "speedup": med_b / med_a,
+        # CPU seconds are less sensitive than wall time to other load on a shared machine.
+        "speedup_cpu_time": statistics.median(cpu_b) / statistics.median(cpu_a),
         "engine_stats": {
             k: v for k, v in vars(engine.stats).items() if k != "infer_s"
         },  # cumulative over warm-up + repeats
@@ -406,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\n{kind} model, {args.images} images, device {device}, torch {torch.__version__}")
-    print(f"{'concepts':>8}  {'engine img/s':>12}  {'reference img/s':>15}  {'ratio':>6}  notes")
+    print(
+        f"{'concepts':>8}  {'engine img/s':>12}  {'reference img/s':>15}  {'ratio':>6}  "
+        f"{'cpu-time ratio':>14}  notes"
+    )
     for r in runs:
         note = ""
         if "mfu" in r["engine"]:
@@ -423,7 +443,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"{r['concepts']:>8}  {r['engine']['images_per_s']:>12.2f}  "
-            f"{r['reference']['images_per_s']:>15.2f}  {r['speedup']:>5.2f}x  {note}"
+            f"{r['reference']['images_per_s']:>15.2f}  {r['speedup']:>5.2f}x  "
+            f"{r['speedup_cpu_time']:>13.2f}x  {note}"
+        )
+    load_after = os.getloadavg()[0]
+    if device == "cpu" and max(load_before[0], load_after) > (os.cpu_count() or 1):
+        print(
+            f"note: load average {load_before[0]:.1f} -> {load_after:.1f} on {os.cpu_count()} "
+            "CPUs: other processes shared the CPU, wall-clock numbers are noisy"
         )
     print(f"saved {out}")
     return 0

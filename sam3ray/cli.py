@@ -30,7 +30,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sam3ray.config import ConfigError, load_config
-    from sam3ray.pipeline import JobFailed, run_job, summary_text
+    from sam3ray.pipeline import JobFailed, run_job
+    from sam3ray.summary import summary_text
 
     try:
         cfg = load_config(args.config, args.set or [])
@@ -47,9 +48,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from sam3ray.model.tiny import make_tiny_checkpoint
+    if args.video:
+        from sam3ray.model.tiny_video import make_tiny_video_checkpoint
 
-    path = make_tiny_checkpoint(args.out, seed=args.seed, resolution=args.resolution)
+        path = make_tiny_video_checkpoint(args.out, seed=args.seed, resolution=args.resolution)
+    else:
+        from sam3ray.model.tiny import make_tiny_checkpoint
+
+        path = make_tiny_checkpoint(args.out, seed=args.seed, resolution=args.resolution)
     print(f"tiny SAM 3 checkpoint written to {path}")
     return 0
 
@@ -111,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--resolution", type=int, default=336)
+    tiny.add_argument(
+        "--video",
+        action="store_true",
+        help="detector + tracker (serves video and image jobs alike)",
+    )
     tiny.set_defaults(func=cmd_make_tiny)
 
     sample = sub.add_parser("sample-data", help="write the demo's sample photos and scenes")

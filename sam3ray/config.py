@@ -34,7 +34,10 @@ from sam3ray.inputs import filesystem_for, has_scheme, is_object_store
 logger = logging.getLogger(__name__)
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
-_DEFAULT_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
+_DEFAULT_EXTENSIONS = [
+    *(".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"),
+    *(".mp4", ".mov", ".mkv", ".webm"),
+]
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")

@@ -60,6 +60,8 @@ DETECTIONS_DIR = "detections"
 IMAGES_DIR = "images"
 MARKERS_DIR = "_markers"
 RUNS_DIR = "runs"
+#: Video staging + stitch state (video_output.py owns the layout inside).
+VIDEO_DIR = "_video"
 _PARTITIONING = ds.partitioning(pa.schema([("class_id", pa.string())]), flavor="hive")
 
 
@@ -247,13 +249,13 @@ def scan_markers(
 
 
 def clear_output(output_uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove markers, detections and images (not ``runs/``) for ``mode: overwrite``.
+    """Remove markers, detections, images and video state (not ``runs/``) for overwrite.
 
     Markers go first: if clearing is interrupted, no marker survives that
     vouches for data already deleted.
     """
     fs, root = filesystem(output_uri, storage_options)
-    for sub in (MARKERS_DIR, DETECTIONS_DIR, IMAGES_DIR):
+    for sub in (MARKERS_DIR, DETECTIONS_DIR, IMAGES_DIR, VIDEO_DIR):
         path = f"{root}/{sub}"
         fs.invalidate_cache(path)
         if fs.exists(path):

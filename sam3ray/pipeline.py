@@ -15,15 +15,18 @@ import os
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from sam3ray.config import JobConfig, redact, validate_paths
 from sam3ray.inputs import list_inputs, retry_transient
+from sam3ray.metrics import RayMetrics
 from sam3ray.output import clear_output, scan_markers, write_run_summary
 from sam3ray.prompts import load_concepts, load_geometric
 from sam3ray.shards import orphaned_shard_ids, plan_shards
 from sam3ray.stages import FAULT_ENV_VARS, SegmentShard, SegmentSpec, decode_shard, write_shard
+from sam3ray.summary import versions
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +56,6 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("sam3ray", "sam3", "torch", "ray", "pyarrow", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def _init_ray(cfg: JobConfig) -> float:
     import ray
 
@@ -91,13 +82,38 @@ def _gpus_per_actor(cfg: JobConfig) -> float:
     return want
 
 
-def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run the image job end to end and return the run summary (also written to runs/)."""
-    t_start = time.perf_counter()
-    run_id = cfg.run_id or new_run_id()
-    out_uri, out_opts = cfg.output.uri, cfg.output_storage_options
+@dataclass
+class _Plan:
+    """What the driver decided before any Ray work: the job's whole to-do list."""
 
-    # -- everything checked before Ray starts ------------------------------------------
+    run_id: str
+    concepts: Any
+    geometric: Any
+    image_refs: list
+    todo: list
+    skipped: list
+    video_refs: list = field(default_factory=list)
+    video_plan: tuple[list, list] = ([], [])
+    orphans: list = field(default_factory=list)
+    markers: dict = field(default_factory=dict)  # shard_id -> Marker found on resume
+    plan_s: float = 0.0
+
+    @property
+    def inputs_total(self) -> int:
+        """Images plus video shards: the units that get one ``images`` row each."""
+        return len(self.image_refs) + len(self.video_plan[0]) + len(self.video_plan[1])
+
+    @property
+    def skipped_inputs(self) -> int:
+        return sum(len(s) for s in self.skipped) + len(self.video_plan[1])
+
+
+def plan_job(cfg: JobConfig) -> _Plan:
+    """Validate everything and list the work, without Ray (errors name file/row/field)."""
+    from sam3ray.video_decode import collapse_frame_folders, is_video_uri
+
+    t0 = time.perf_counter()
+    out_uri, out_opts = cfg.output.uri, cfg.output_storage_options
     validate_paths(cfg)
     concepts = load_concepts(cfg.prompts.concepts, cfg.input.storage_options)
     geometric = (
@@ -105,7 +121,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         if cfg.prompts.geometric
         else None
     )
-    refs = list_inputs(cfg.input)
+    refs = collapse_frame_folders(list_inputs(cfg.input))
+    video_refs = [r for r in refs if is_video_uri(r.uri)]
+    image_refs = [r for r in refs if not is_video_uri(r.uri)]
     if cfg.output.mode == "overwrite":
         retry_transient(lambda: clear_output(out_uri, out_opts), f"clearing {out_uri}")
     markers = (
@@ -113,34 +131,83 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         if cfg.output.mode == "resume"
         else {}
     )
-    todo, skipped = plan_shards(refs, cfg.output.shard_size, markers, cfg.output.retry_errors)
-    orphans = orphaned_shard_ids(todo + skipped, markers)
+    todo, skipped = plan_shards(image_refs, cfg.output.shard_size, markers, cfg.output.retry_errors)
+    video_plan: tuple[list, list] = ([], [])
+    if video_refs:
+        from sam3ray.pipeline_video import plan_video
+
+        video_plan = plan_video(cfg, video_refs, markers)
+    video_ids = {s.shard_id for s in video_plan[0] + video_plan[1]}
+    orphans = [o for o in orphaned_shard_ids(todo + skipped, markers) if o not in video_ids]
     if orphans:
         logger.warning(
             "%d shards in %s belong to no current input (inputs removed since?): left as is",
             len(orphans),
             out_uri,
         )
-    t_planned = time.perf_counter()
+    plan = _Plan(
+        run_id=cfg.run_id or new_run_id(),
+        concepts=concepts,
+        geometric=geometric,
+        image_refs=image_refs,
+        todo=todo,
+        skipped=skipped,
+        video_refs=video_refs,
+        video_plan=video_plan,
+        orphans=orphans,
+        markers=markers,
+        plan_s=time.perf_counter() - t0,
+    )
     logger.info(
-        "%d inputs, %d concepts, %d shards to do, %d already done",
-        len(refs),
+        "%d images + %d videos, %d concepts; %d image shards and %d video shards to do, "
+        "%d + %d already done",
+        len(image_refs),
+        len(video_refs),
         len(concepts),
         len(todo),
+        len(video_plan[0]),
         len(skipped),
+        len(video_plan[1]),
     )
+    return plan
 
+
+def _shard_rows(cfg: JobConfig, plan: _Plan, video_stats: dict):
+    """Summary rows of every shard done now: images first, then videos (+ stitching)."""
+    if plan.todo:
+        yield from _dataset(cfg, plan).iter_rows()
+    if plan.video_refs:  # also when nothing is to do: finishes stitching after a crash
+        from sam3ray.pipeline_video import run_video_shards
+
+        yield from run_video_shards(
+            cfg,
+            plan.run_id,
+            plan.concepts,
+            plan.geometric,
+            plan.video_refs,
+            plan.markers,
+            stats=video_stats,
+            plan=plan.video_plan,
+        )
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job end to end and return the run summary (also written to runs/)."""
+    t_start = time.perf_counter()
+    out_uri, out_opts = cfg.output.uri, cfg.output_storage_options
+    plan = plan_job(cfg)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     per_concept: Counter = Counter()
     actors: dict[int, int] = {}
+    video_stats: dict[str, Any] = {}
     ray_init_s = first_result_s = 0.0
     images_after_first = 0
     t_pipe = time.perf_counter()
-    if todo:
+    if plan.todo or plan.video_refs:
         ray_init_s = _init_ray(cfg)
         t_pipe = time.perf_counter()
-        for row in _dataset(cfg, run_id, concepts, geometric, todo, markers).iter_rows():
+        for row in _shard_rows(cfg, plan, video_stats):
             if not first_result_s:
                 first_result_s = time.perf_counter() - t_pipe
             else:
@@ -154,22 +221,28 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     t_end = time.perf_counter()
     pipe_s = t_end - t_pipe
     steady_s = pipe_s - first_result_s
+    video_stats.pop("shard_ids", None)
     summary = {
-        "run_id": run_id,
+        "run_id": plan.run_id,
         "output": out_uri,
         "status": "succeeded",
-        "inputs_total": len(refs),
+        "inputs_total": plan.inputs_total,
         "inputs_processed": totals["n_inputs"],
-        "inputs_skipped_done": sum(len(s) for s in skipped),
+        "inputs_skipped_done": plan.skipped_inputs,
         "ok": totals["n_ok"],
         "errors": totals["n_error"],
         "errors_by_reason": dict(reasons),
         "detections": totals["n_detections"],
         "detections_by_concept": dict(per_concept),
-        "shards": {"done_now": totals["shards"], "skipped": len(skipped), "orphaned": orphans},
+        "shards": {
+            "done_now": totals["shards"],
+            "skipped": len(plan.skipped) + len(plan.video_plan[1]),
+            "orphaned": plan.orphans,
+        },
+        "videos": {"inputs": len(plan.video_refs), **video_stats},
         "actors": {"count": len(actors), "model_loads_per_actor": sorted(actors.values())},
         "timing_s": {
-            "plan": round(t_planned - t_start, 3),
+            "plan": round(plan.plan_s, 3),
             "ray_init": round(ray_init_s, 3),
             "first_shard": round(first_result_s, 3),
             "pipeline": round(pipe_s, 3),
@@ -181,7 +254,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                 round(images_after_first / steady_s, 3) if steady_s > 0 else None
             ),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "config": redact(cfg),
     }
     processed = totals["n_inputs"]
@@ -192,7 +265,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             f"error rate {rate:.3f} exceeds output.max_error_rate {cfg.output.max_error_rate}"
         )
     summary["summary_uri"] = retry_transient(  # idempotent: one object, written whole
-        lambda: write_run_summary(out_uri, out_opts, run_id, summary),
+        lambda: write_run_summary(out_uri, out_opts, plan.run_id, summary),
         f"writing the run summary to {out_uri}",
         retries=8,
         base_delay=0.5,
@@ -203,8 +276,30 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     return summary
 
 
-def _dataset(cfg, run_id, concepts, geometric, todo, markers):
+def actor_pool_args(cfg: JobConfig, n_rows: int) -> dict[str, Any]:
+    """``map_batches`` arguments for a SAM 3 actor pool (image and video jobs alike):
+    one shard per call, autoscaling (min, max) capped by the work, fractional GPUs,
+    actors restarted and their shards retried after a crash."""
     import ray
+
+    lo, hi = cfg.resources.actors
+    hi = min(hi, n_rows)
+    return {
+        "batch_size": 1,
+        "batch_format": "pyarrow",
+        "compute": ray.data.ActorPoolStrategy(min_size=min(lo, hi), max_size=hi),
+        "num_gpus": _gpus_per_actor(cfg),
+        "num_cpus": cfg.resources.cpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        **_fault_injection_env(),
+    }
+
+
+def _dataset(cfg: JobConfig, plan: _Plan):
+    import ray
+
+    run_id, todo, markers = plan.run_id, plan.todo, plan.markers
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
@@ -221,8 +316,8 @@ def _dataset(cfg, run_id, concepts, geometric, todo, markers):
     inf = cfg.inference
     spec = SegmentSpec(
         checkpoint=cfg.model.checkpoint,
-        concepts=concepts,
-        geometric=geometric,
+        concepts=plan.concepts,
+        geometric=plan.geometric,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
         compile=cfg.model.compile,
@@ -238,10 +333,8 @@ def _dataset(cfg, run_id, concepts, geometric, todo, markers):
             "queries_per_forward": inf.queries_per_forward,
         },
         run_id=run_id,
+        metrics=RayMetrics(),
     )
-    lo, hi = cfg.resources.actors
-    hi = min(hi, len(rows))
-    lo = min(lo, hi)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(
         partial(
@@ -253,16 +346,7 @@ def _dataset(cfg, run_id, concepts, geometric, todo, markers):
         num_cpus=cfg.resources.decode_cpus,
     )
     ds = ds.map_batches(
-        _SegmentActor,
-        fn_constructor_args=(spec,),
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=_gpus_per_actor(cfg),
-        num_cpus=cfg.resources.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-        **_fault_injection_env(),
+        _SegmentActor, fn_constructor_args=(spec,), **actor_pool_args(cfg, len(rows))
     )
     return ds.map(
         partial(
@@ -284,28 +368,3 @@ def _fault_injection_env() -> dict[str, Any]:
     """
     env = {k: os.environ[k] for k in FAULT_ENV_VARS if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-def summary_text(summary: dict[str, Any]) -> str:
-    """The human-readable end-of-job report the CLI prints."""
-    t = summary["timing_s"]
-    lines = [
-        f"run {summary['run_id']}: {summary['status']}",
-        f"  inputs {summary['inputs_total']} (processed {summary['inputs_processed']}, "
-        f"already done {summary['inputs_skipped_done']}): "
-        f"ok {summary['ok']}, errors {summary['errors']}",
-    ]
-    for reason, n in sorted(summary["errors_by_reason"].items()):
-        lines.append(f"    error {reason}: {n}")
-    lines.append(f"  detections {summary['detections']}")
-    for concept, n in sorted(summary["detections_by_concept"].items()):
-        lines.append(f"    {concept}: {n}")
-    ips = summary["throughput"]["images_per_s"]
-    lines.append(
-        f"  {ips if ips is not None else '-'} images/s; ray init {t['ray_init']} s, "
-        f"first shard {t['first_shard']} s, total {t['total']} s"
-    )
-    out = summary["output"].rstrip("/")
-    lines.append(f"  output: {out}/detections (Parquet, class_id=<uuid>/), {out}/images")
-    lines.append(f"  summary: {summary.get('summary_uri')}")
-    return "\n".join(lines)

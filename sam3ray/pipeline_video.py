@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+from sam3ray.pipeline import _init_ray, actor_pool_args
 from sam3ray.video_plan import VideoShard, plan_video_shards
 from sam3ray.video_stages import TrackShard, TrackSpec, write_video_shard
 
@@ -37,18 +38,6 @@ class _TrackActor:
 
         rows = [self.stage(json.loads(r["payload"])) for r in batch.to_pylist()]
         return pa.Table.from_pylist(rows)
-
-
-def _gpus_per_actor(cfg) -> float:
-    import ray
-
-    want = cfg.resources.gpus_per_actor
-    if want > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        if cfg.model.device == "cuda":
-            raise RuntimeError("model.device is 'cuda' but the Ray cluster has no GPUs")
-        logger.warning("no GPUs in the Ray cluster: running SAM 3 video actors on CPU")
-        return 0.0
-    return want
 
 
 def track_spec(cfg, run_id: str, concepts, geometric) -> TrackSpec:
@@ -95,7 +84,7 @@ def run_video_shards(
     )
     if not todo and not skipped:
         return
-    _ensure_ray(cfg)
+    _init_ray(cfg)
     if todo:
         yield from _dataset(cfg, run_id, concepts, geometric, todo, markers).iter_rows()
     t0 = time.perf_counter()
@@ -110,16 +99,6 @@ def plan_video(cfg, video_refs: Sequence[Any], markers: Mapping[str, Any]):
     )
 
 
-def _ensure_ray(cfg) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": cfg.resources.ray_address, "log_to_driver": True}
-        if cfg.resources.object_store_memory and not cfg.resources.ray_address:
-            kwargs["object_store_memory"] = cfg.resources.object_store_memory
-        ray.init(**kwargs)
-
-
 def _dataset(cfg, run_id, concepts, geometric, todo: Sequence[VideoShard], markers):
     import ray
 
@@ -129,20 +108,11 @@ def _dataset(cfg, run_id, concepts, geometric, todo: Sequence[VideoShard], marke
     for s in todo:
         previous = markers[s.shard_id].files if s.shard_id in markers else ()
         rows.append({"shard_id": s.shard_id, "payload": json.dumps(s.to_row(previous))})
-    lo, hi = cfg.resources.actors
-    hi = min(hi, len(rows))
-    lo = min(lo, hi)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         _TrackActor,
         fn_constructor_args=(track_spec(cfg, run_id, concepts, geometric),),
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=_gpus_per_actor(cfg),
-        num_cpus=cfg.resources.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
+        **actor_pool_args(cfg, len(rows)),
     )
     return ds.map(
         partial(

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from sam3ray.decode import DecodeError, decode_image, downscale_long_side
 from sam3ray.inputs import read_bytes, retry_transient
+from sam3ray.metrics import Metrics, NullMetrics
 from sam3ray.output_schema import detections_table, images_table, utc_now
 from sam3ray.types import ConceptSet
 
@@ -132,6 +133,8 @@ class SegmentSpec:
     images_per_batch: int = 8
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     run_id: str = "run"
+    #: Where counters go (pipeline passes RayMetrics; tests and plain Python use NullMetrics).
+    metrics: Metrics = field(default_factory=NullMetrics)
 
 
 class SegmentShard:
@@ -196,6 +199,7 @@ class SegmentShard:
                         dets = [d for d in dets if d["image_id"] != row["image_ids"][i]]
         self.batches += 1
         _fault_actor_exit(self.batches)  # no-op unless a fault-injection test asks for it
+        self._record_metrics(status, reasons, infer_ms, dets)
         images = self._images_rows(row, status, errors, reasons, n_det, infer_ms)
         return {
             "shard_id": row["shard_id"],
@@ -206,6 +210,16 @@ class SegmentShard:
             "actor_pid": os.getpid(),
             "actor_loads": type(self).loads,
         }
+
+    def _record_metrics(self, status, reasons, infer_ms, dets) -> None:
+        """At-least-once counters (a retried shard counts again): for dashboards, not truth."""
+        m = self.spec.metrics
+        for i, st in enumerate(status):
+            m.record_image(st, reasons[i])
+            if st == "ok":
+                m.record_latency(infer_ms[i])
+        for concept, k in Counter(d["concept"] for d in dets).items():
+            m.record_detections(concept, k)
 
     def _check_exemplars(self, row, todo, status, errors, reasons) -> list[int]:
         from sam3ray.prompts import check_exemplars_in_image

@@ -230,10 +230,11 @@ def test_queries_follow_the_video_api_and_synonym_tracks_are_merged(caplog):
     concepts = ConceptSet(
         (Concept(DISC, "disc", ("blue disc", "circle"), 0.6), Concept(THING, "thing", ()))
     )
+    points = [(1, Exemplar("point", (5, 6))), (1, Exemplar("point", (7, 8), False))]
     ex = {
         DISC: [(5, Exemplar("box", BOX)), (2, Exemplar("box", BOX, False))],
-        THING: [(3, Exemplar("box", BOX)), (1, Exemplar("point", (5, 6))), (1, Exemplar("point", (7, 8), False))],
-    }  # fmt: skip
+        THING: [(3, Exemplar("box", BOX)), *points],
+    }
     qs = build_video_queries(concepts, ex, 0.4)
     assert [(q.label, q.frame, q.min_score) for q in qs] == [
         ('text:"blue disc"+box@5', 5, 0.6),
@@ -248,7 +249,8 @@ def test_queries_follow_the_video_api_and_synonym_tracks_are_merged(caplog):
     rle, area = encode_rle(m)
 
     def det(track, query, frame=0):
-        return TrackedDetection(frame, track, DISC, "disc", query, 0.9, (2, 2, 12, 12), rle, (20, 20), area)  # fmt: skip
+        box = (2, 2, 12, 12)
+        return TrackedDetection(frame, track, DISC, "disc", query, 0.9, box, rle, (20, 20), area)
 
     dets = [det(0, qs[0].label), det(1, qs[1].label), det(2, qs[1].label, frame=1)]
     assert [d.track for d in dedupe_tracks(dets, qs, 0.7)] == [0, 2], "a repeat is dropped"

@@ -44,6 +44,9 @@ def videos(tmp_path_factory):
     (root / "zero.mp4").write_bytes(b"")
     out["zero"] = root / "zero.mp4"
     out["missing"] = root / "missing.mp4"
+    (root / "none.frames").mkdir()
+    (root / "none.frames" / "notes.txt").write_text("no frames here")
+    out["no_frames"] = root / "none.frames"
     return out
 
 
@@ -108,7 +111,8 @@ def test_resume_skips_shards_whose_marker_matches_their_frames(videos):
         ("vfr", "variable_frame_rate"),
         ("codec", "unsupported_codec"),
         ("truncated", "corrupt"),  # moov atom at the end: cut off
-        ("zero", "corrupt"),
+        ("zero", "corrupt"),  # a zero-byte file
+        ("no_frames", "empty"),
         ("missing", "not_found"),
     ],
 )

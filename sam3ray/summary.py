@@ -1,0 +1,43 @@
+"""The run summary: what a person reads at the end of a job and what
+``runs/<run_id>.json`` records (counts, timings, library versions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sam3ray", "sam3", "torch", "ray", "pyarrow", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-job report the CLI prints."""
+    t = summary["timing_s"]
+    lines = [
+        f"run {summary['run_id']}: {summary['status']}",
+        f"  inputs {summary['inputs_total']} (processed {summary['inputs_processed']}, "
+        f"already done {summary['inputs_skipped_done']}): "
+        f"ok {summary['ok']}, errors {summary['errors']}",
+    ]
+    for reason, n in sorted(summary["errors_by_reason"].items()):
+        lines.append(f"    error {reason}: {n}")
+    lines.append(f"  detections {summary['detections']}")
+    for concept, n in sorted(summary["detections_by_concept"].items()):
+        lines.append(f"    {concept}: {n}")
+    ips = summary["throughput"]["images_per_s"]
+    lines.append(
+        f"  {ips if ips is not None else '-'} images/s; ray init {t['ray_init']} s, "
+        f"first shard {t['first_shard']} s, total {t['total']} s"
+    )
+    out = summary["output"].rstrip("/")
+    lines.append(f"  output: {out}/detections (Parquet, class_id=<uuid>/), {out}/images")
+    lines.append(f"  summary: {summary.get('summary_uri')}")
+    return "\n".join(lines)
