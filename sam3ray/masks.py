@@ -24,12 +24,18 @@ def encode_rle_batch(masks: np.ndarray) -> list[tuple[bytes, int]]:
     """Encode N×H×W boolean masks in one pycocotools call."""
     if masks.ndim != 3:
         raise ValueError(f"expected N×H×W masks, got shape {masks.shape}")
-    if len(masks) == 0:
+    return encode_rle_fortran(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+def encode_rle_fortran(masks_hwn: np.ndarray) -> list[tuple[bytes, int]]:
+    """Encode an H×W×N uint8 Fortran-ordered stack (what pycocotools works on)
+    without copying; producers that can lay masks out this way save a transpose."""
+    if masks_hwn.ndim != 3 or not masks_hwn.flags.f_contiguous or masks_hwn.dtype != np.uint8:
+        raise ValueError("expected an H×W×N uint8 Fortran-contiguous array")
+    if masks_hwn.shape[2] == 0:
         return []
-    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False))
-    rles = mask_utils.encode(fortran)
-    areas = mask_utils.area(rles)
-    return [(r["counts"], int(a)) for r, a in zip(rles, areas)]
+    rles = mask_utils.encode(masks_hwn)
+    return [(r["counts"], int(a)) for r, a in zip(rles, mask_utils.area(rles))]
 
 
 def decode_rle(counts: bytes, size: tuple[int, int] | list[int]) -> np.ndarray:

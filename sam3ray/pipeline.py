@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sam3ray.config import JobConfig, redact, validate_paths
+from sam3ray.config import ConfigError, JobConfig, redact, validate_paths
 from sam3ray.inputs import list_inputs, retry_transient
 from sam3ray.metrics import RayMetrics
 from sam3ray.output import clear_output, scan_markers, write_run_summary
@@ -62,10 +62,39 @@ def _init_ray(cfg: JobConfig) -> float:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": cfg.resources.ray_address, "log_to_driver": True}
-        if cfg.resources.object_store_memory and not cfg.resources.ray_address:
+        if cfg.resources.object_store_memory and _is_local(cfg):
             kwargs["object_store_memory"] = cfg.resources.object_store_memory
         ray.init(**kwargs)
     return time.perf_counter() - t0
+
+
+def _is_local(cfg: JobConfig) -> bool:
+    return cfg.resources.ray_address in (None, "local")
+
+
+#: CPUs each write task asks for (small: it only serialises Parquet).
+WRITE_CPUS = 0.25
+
+
+def check_pool_fits(cfg: JobConfig, n_shards: int) -> None:
+    """Refuse a pool whose minimum leaves no CPU for decode and write tasks: Ray
+    would wait forever. Only for a local Ray, whose size is all it will ever be
+    (an autoscaling cluster may add nodes)."""
+    import ray
+
+    if not _is_local(cfg) or n_shards == 0:
+        return
+    r = cfg.resources
+    lo = min(r.actors[0], n_shards)
+    need = lo * r.cpus_per_actor + r.decode_cpus + WRITE_CPUS
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ConfigError(
+            f"resources: the actor pool's minimum ({lo} × resources.cpus_per_actor "
+            f"{r.cpus_per_actor}) plus one decode task (resources.decode_cpus {r.decode_cpus}) "
+            f"and one write task ({WRITE_CPUS}) needs {need:g} CPUs, but this Ray has "
+            f"{have:g}: lower resources.actors[0] or resources.cpus_per_actor"
+        )
 
 
 def _gpus_per_actor(cfg: JobConfig) -> float:
@@ -202,16 +231,21 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     actors: dict[int, int] = {}
     video_stats: dict[str, Any] = {}
     ray_init_s = first_result_s = 0.0
-    images_after_first = 0
+    # steady-state rate from the actors' finish times: images after the first
+    # finished shard ÷ (last finish − first finish); excludes start-up fairly
+    first_finish: tuple[float, int] | None = None
+    last_finish = 0.0
     t_pipe = time.perf_counter()
     if plan.todo or plan.video_refs:
         ray_init_s = _init_ray(cfg)
+        check_pool_fits(cfg, len(plan.todo) + len(plan.video_plan[0]))
         t_pipe = time.perf_counter()
         for row in _shard_rows(cfg, plan, video_stats):
             if not first_result_s:
                 first_result_s = time.perf_counter() - t_pipe
-            else:
-                images_after_first += row["n_inputs"]
+            if first_finish is None or row["finished_at"] < first_finish[0]:
+                first_finish = (row["finished_at"], row["n_inputs"])
+            last_finish = max(last_finish, row["finished_at"])
             for key in ("n_inputs", "n_ok", "n_error", "n_detections"):
                 totals[key] += row[key]
             reasons.update(json.loads(row["errors_by_reason"]))
@@ -220,7 +254,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             totals["shards"] += 1
     t_end = time.perf_counter()
     pipe_s = t_end - t_pipe
-    steady_s = pipe_s - first_result_s
+    steady_s = last_finish - first_finish[0] if first_finish else 0.0
+    steady_images = totals["n_inputs"] - (first_finish[1] if first_finish else 0)
     video_stats.pop("shard_ids", None)
     summary = {
         "run_id": plan.run_id,
@@ -251,7 +286,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "throughput": {
             "images_per_s": round(totals["n_inputs"] / pipe_s, 3) if pipe_s > 0 else None,
             "images_per_s_after_first_shard": (
-                round(images_after_first / steady_s, 3) if steady_s > 0 else None
+                round(steady_images / steady_s, 3) if steady_s > 0 else None
             ),
         },
         "versions": versions(),
@@ -290,8 +325,9 @@ def actor_pool_args(cfg: JobConfig, n_rows: int) -> dict[str, Any]:
         "compute": ray.data.ActorPoolStrategy(min_size=min(lo, hi), max_size=hi),
         "num_gpus": _gpus_per_actor(cfg),
         "num_cpus": cfg.resources.cpus_per_actor,
-        "max_restarts": -1,
-        "max_task_retries": -1,
+        # No max_restarts/max_task_retries: Ray Data's actor pools already default to
+        # -1/-1 (a dead actor is restarted and its shard retried), and passing them
+        # through ray_remote_args is deprecated in Ray 2.60.
         **_fault_injection_env(),
     }
 
@@ -355,7 +391,7 @@ def _dataset(cfg: JobConfig, plan: _Plan):
             storage_options=cfg.output_storage_options,
             run_id=run_id,
         ),
-        num_cpus=0.25,
+        num_cpus=WRITE_CPUS,
     )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from sam3ray.pipeline import _init_ray, actor_pool_args
+from sam3ray.pipeline import WRITE_CPUS, _init_ray, actor_pool_args
 from sam3ray.video_plan import VideoShard, plan_video_shards
 from sam3ray.video_stages import TrackShard, TrackSpec, write_video_shard
 
@@ -121,7 +121,7 @@ def _dataset(cfg, run_id, concepts, geometric, todo: Sequence[VideoShard], marke
             storage_options=cfg.output_storage_options,
             run_id=run_id,
         ),
-        num_cpus=0.25,
+        num_cpus=WRITE_CPUS,
     )
 
 

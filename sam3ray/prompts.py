@@ -258,9 +258,11 @@ def _exemplar(uri: str, n: int, row: dict[str, Any]) -> Exemplar:
         if v < 0:
             raise PromptTableError(f"{uri} row {n}: {c} {v} is negative")
         coords.append(v)
-    if kind == "box" and (coords[2] < coords[0] or coords[3] < coords[1]):
-        bad = "x1" if coords[2] < coords[0] else "y1"
-        raise PromptTableError(f"{uri} row {n}: {bad} is smaller than {bad[0]}0 in box {coords}")
+    if kind == "box" and (coords[2] <= coords[0] or coords[3] <= coords[1]):
+        # an empty box (x1 == x0) has no pixels to exemplify: refuse it here, not mid-job
+        bad = "x1" if coords[2] <= coords[0] else "y1"
+        what = "equal to" if coords[2] == coords[0] or coords[3] == coords[1] else "smaller than"
+        raise PromptTableError(f"{uri} row {n}: {bad} is {what} {bad[0]}0 in box {coords}")
     return Exemplar(kind, tuple(coords), _bool(uri, n, row.get("positive")),
                     _frame(uri, n, row.get("frame_index")))  # fmt: skip
 

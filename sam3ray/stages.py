@@ -209,6 +209,7 @@ class SegmentShard:
             "images_ipc": _to_ipc(images_table(images)),
             "actor_pid": os.getpid(),
             "actor_loads": type(self).loads,
+            "finished_at": time.time(),  # wall clock: throughput across actors
         }
 
     def _record_metrics(self, status, reasons, infer_ms, dets) -> None:
@@ -353,4 +354,5 @@ def write_shard(
         "decode_ms": float(sum(img.column("decode_ms").to_pylist())),
         "actor_pid": int(row.get("actor_pid", 0)),
         "actor_loads": int(row.get("actor_loads", 0)),
+        "finished_at": float(row.get("finished_at") or time.time()),
     }

@@ -146,6 +146,7 @@ class TrackShard:
             "images_ipc": _to_ipc(images_table([image_row])),
             "actor_pid": os.getpid(),
             "actor_loads": type(self).loads,
+            "finished_at": time.time(),  # wall clock: throughput across actors
         }
 
     def _decode(self, row, info):
@@ -237,4 +238,5 @@ def write_video_shard(
         "decode_ms": float(sum(v or 0 for v in img.column("decode_ms").to_pylist())),
         "actor_pid": int(row.get("actor_pid", 0)),
         "actor_loads": int(row.get("actor_loads", 0)),
+        "finished_at": float(row.get("finished_at") or time.time()),
     }

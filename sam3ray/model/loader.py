@@ -152,14 +152,19 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, meta
 
 
-def load_image_weights(model: Any, state: dict[str, Any], path: str) -> None:
-    """Load the ``detector.`` part of an official checkpoint, failing loudly on misfit."""
+def _detector_part(state: dict[str, Any], path: str) -> dict[str, Any]:
     detector = {k[len("detector.") :]: v for k, v in state.items() if k.startswith("detector.")}
     if not detector:
         raise CheckpointError(
             f"checkpoint {path}: no 'detector.*' keys ({len(state)} keys in all); "
             "is this a SAM 3 checkpoint?"
         )
+    return detector
+
+
+def load_image_weights(model: Any, state: dict[str, Any], path: str) -> None:
+    """Load the ``detector.`` part of an official checkpoint, failing loudly on misfit."""
+    detector = _detector_part(state, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(detector))
     unexpected = sorted(
@@ -189,6 +194,7 @@ def load_checkpoint_into_new_model(path: str) -> tuple[Any, LoadedCheckpoint]:
     from sam3ray.model.arch import build_image_model
 
     state, meta = read_checkpoint(path)
+    _detector_part(state, path)  # refuse a foreign dict before building 840 M params
     try:
         arch = Sam3Arch.from_dict(meta["arch"]) if "arch" in meta else Sam3Arch.full()
     except (TypeError, ValueError) as exc:

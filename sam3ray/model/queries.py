@@ -14,6 +14,7 @@ call with a message naming it and no partial output exists.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,9 +80,9 @@ def _check_exemplar(ex: Exemplar, image: int, class_id: str, h: int, w: int) -> 
     want = 4 if ex.kind == "box" else 2
     if ex.kind not in ("box", "point") or len(ex.coords) != want:
         raise ValueError(f"{where}: expected a box (x0,y0,x1,y1) or a point (x,y)")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.coords):
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in ex.coords):
         raise ValueError(f"{where}: coordinates must be finite numbers")
-    xs, ys = ex.coords[0::2], ex.coords[1::2]
+    xs, ys = [float(v) for v in ex.coords[0::2]], [float(v) for v in ex.coords[1::2]]
     if ex.kind == "box" and (xs[1] <= xs[0] or ys[1] <= ys[0]):
         raise ValueError(f"{where}: needs x1 > x0 and y1 > y0")
     if min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h:
@@ -109,11 +110,12 @@ def build_queries(
             for ex in exs:
                 _check_exemplar(ex, i, concept.class_id, h, w)
                 if ex.kind == "box":
-                    x0, y0, x1, y1 = ex.coords
+                    x0, y0, x1, y1 = (float(v) for v in ex.coords)
                     box = ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
                     boxes.append((box, bool(ex.positive)))
                 else:
-                    points.append(((ex.coords[0] / w, ex.coords[1] / h), bool(ex.positive)))
+                    x, y = float(ex.coords[0]), float(ex.coords[1])
+                    points.append(((x / w, y / h), bool(ex.positive)))
             texts = concept.texts or ((VISUAL_TEXT,) if exs else ())
             for text in texts:
                 queries.append(Query(i, concept.class_id, text, tuple(boxes), tuple(points)))

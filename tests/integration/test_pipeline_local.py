@@ -201,9 +201,7 @@ def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path
     assert not (tmp_path / "labels").exists(), "nothing is written before validation passes"
 
 
-def test_actor_pool_that_leaves_no_cpu_for_decode_is_refused_not_hung(
-    it, tiny_checkpoint, tmp_path
-):
+def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint, tmp_path):
     """resources.actors [2, 2] x cpus_per_actor 1 on a 2-CPU Ray: the pool's minimum takes
     every CPU, so no decode task can ever be scheduled. The job must say so (naming the
     resources.* fields) instead of waiting forever. Its own Ray, in its own process group,

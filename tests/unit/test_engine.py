@@ -262,10 +262,18 @@ def test_backbone_once_per_image_text_encoder_once_per_unique_text(tiny_model, c
 def test_queries_per_forward_packing_does_not_change_results(tiny_model):
     images, concepts, exemplars, _ = fidelity_inputs()
     one = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.2, queries_per_forward=1))
-    many = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.2, queries_per_forward=64))
+    big = EngineConfig(conf=0.2, queries_per_forward=64, cpu_queries_per_forward=64)
+    many = Sam3Engine(tiny_model, concepts, big)
+    capped = Sam3Engine(tiny_model, concepts, EngineConfig(conf=0.2, queries_per_forward=64))
     a, b = one.predict(images, exemplars), many.predict(images, exemplars)
+    c = capped.predict(images, exemplars)
     assert one.stats.grounding_forwards == 12
     assert many.stats.grounding_forwards == 1
+    # on CPU packs are capped at cpu_queries_per_forward (8 by default): 12 -> 8 + 4
+    assert capped.stats.grounding_forwards == 2
+    for x, y in zip(b, c, strict=True):
+        assert [d.class_id for d in x] == [d.class_id for d in y]
+        assert all(abs(p.score - q.score) <= 1e-5 for p, q in zip(x, y, strict=True))
     assert sum(map(len, a)) > 0
     for da, db in zip(a, b):
         assert [(d.class_id, d.query) for d in da] == [(d.class_id, d.query) for d in db]

@@ -144,7 +144,7 @@ def test_geometric_grouping_and_lookup(tmp_path, concepts, monkeypatch):
         f"imgs/a.jpg,,{DOG},point,,,,,5,6,no,\n"
         f",{image_id_for(img_b)},{CAR},,10,10,20,20,,,0,3\n"
         f"imgs/a.jpg,,{CAR},POINT,,,,,7,8,Yes,\n"
-        f"{img_b},{image_id_for(img_b)},{TREE},box,0,0,0,0,,,true,\n"
+        f"{img_b},{image_id_for(img_b)},{TREE},box,0,0,1,1,,,true,\n"
     )
     geo = load_geometric(write(tmp_path, "geo.csv", GEO_HEADER + body), concepts)
     assert len(geo) == 5
@@ -164,6 +164,7 @@ GEO_REFUSALS = [
     (f"a.jpg,,{TREE.replace('3', '4')},box,1,1,2,2,,,,", "is not in the concept table"),
     (f"a.jpg,,{CAR},box,5,1,2,2,,,,", "x1 is smaller than x0"),
     (f"a.jpg,,{CAR},box,1,5,2,2,,,,", "y1 is smaller than y0"),
+    (f"a.jpg,,{CAR},box,2,1,2,4,,,,", "x1 is equal to x0"),
     (f"a.jpg,,{CAR},box,1,nan,2,2,,,,", "y0 'nan' is not a finite number"),
     (f"a.jpg,,{CAR},box,1,,2,2,,,,", "y0 is missing for a box"),
     (f"a.jpg,,{CAR},point,,,,,-1,2,,", "x -1.0 is negative"),
