@@ -13,18 +13,16 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sam3ray.config import ConfigError, JobConfig, redact, validate_paths
-from sam3ray.inputs import list_inputs, retry_transient
+from sam3ray.config import ConfigError, JobConfig
+from sam3ray.config_checks import redact
+from sam3ray.inputs import retry_transient
 from sam3ray.metrics import RayMetrics
-from sam3ray.output import clear_output, scan_markers, write_run_summary
-from sam3ray.prompts import load_concepts, load_geometric
-from sam3ray.shards import orphaned_shard_ids, plan_shards
+from sam3ray.output import write_run_summary
+from sam3ray.planning import JobPlan, plan_job
 from sam3ray.stages import FAULT_ENV_VARS, SegmentShard, SegmentSpec, decode_shard, write_shard
 from sam3ray.summary import versions
 
@@ -50,10 +48,6 @@ class _SegmentActor:
         import pyarrow as pa
 
         return pa.Table.from_pylist([self.stage(row) for row in batch.to_pylist()])
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def _init_ray(cfg: JobConfig) -> float:
@@ -111,97 +105,7 @@ def _gpus_per_actor(cfg: JobConfig) -> float:
     return want
 
 
-@dataclass
-class _Plan:
-    """What the driver decided before any Ray work: the job's whole to-do list."""
-
-    run_id: str
-    concepts: Any
-    geometric: Any
-    image_refs: list
-    todo: list
-    skipped: list
-    video_refs: list = field(default_factory=list)
-    video_plan: tuple[list, list] = ([], [])
-    orphans: list = field(default_factory=list)
-    markers: dict = field(default_factory=dict)  # shard_id -> Marker found on resume
-    plan_s: float = 0.0
-
-    @property
-    def inputs_total(self) -> int:
-        """Images plus video shards: the units that get one ``images`` row each."""
-        return len(self.image_refs) + len(self.video_plan[0]) + len(self.video_plan[1])
-
-    @property
-    def skipped_inputs(self) -> int:
-        return sum(len(s) for s in self.skipped) + len(self.video_plan[1])
-
-
-def plan_job(cfg: JobConfig) -> _Plan:
-    """Validate everything and list the work, without Ray (errors name file/row/field)."""
-    from sam3ray.video_decode import collapse_frame_folders, is_video_uri
-
-    t0 = time.perf_counter()
-    out_uri, out_opts = cfg.output.uri, cfg.output_storage_options
-    validate_paths(cfg)
-    concepts = load_concepts(cfg.prompts.concepts, cfg.input.storage_options)
-    geometric = (
-        load_geometric(cfg.prompts.geometric, concepts, cfg.input.storage_options)
-        if cfg.prompts.geometric
-        else None
-    )
-    refs = collapse_frame_folders(list_inputs(cfg.input))
-    video_refs = [r for r in refs if is_video_uri(r.uri)]
-    image_refs = [r for r in refs if not is_video_uri(r.uri)]
-    if cfg.output.mode == "overwrite":
-        retry_transient(lambda: clear_output(out_uri, out_opts), f"clearing {out_uri}")
-    markers = (
-        retry_transient(lambda: scan_markers(out_uri, out_opts), f"listing markers in {out_uri}")
-        if cfg.output.mode == "resume"
-        else {}
-    )
-    todo, skipped = plan_shards(image_refs, cfg.output.shard_size, markers, cfg.output.retry_errors)
-    video_plan: tuple[list, list] = ([], [])
-    if video_refs:
-        from sam3ray.pipeline_video import plan_video
-
-        video_plan = plan_video(cfg, video_refs, markers)
-    video_ids = {s.shard_id for s in video_plan[0] + video_plan[1]}
-    orphans = [o for o in orphaned_shard_ids(todo + skipped, markers) if o not in video_ids]
-    if orphans:
-        logger.warning(
-            "%d shards in %s belong to no current input (inputs removed since?): left as is",
-            len(orphans),
-            out_uri,
-        )
-    plan = _Plan(
-        run_id=cfg.run_id or new_run_id(),
-        concepts=concepts,
-        geometric=geometric,
-        image_refs=image_refs,
-        todo=todo,
-        skipped=skipped,
-        video_refs=video_refs,
-        video_plan=video_plan,
-        orphans=orphans,
-        markers=markers,
-        plan_s=time.perf_counter() - t0,
-    )
-    logger.info(
-        "%d images + %d videos, %d concepts; %d image shards and %d video shards to do, "
-        "%d + %d already done",
-        len(image_refs),
-        len(video_refs),
-        len(concepts),
-        len(todo),
-        len(video_plan[0]),
-        len(skipped),
-        len(video_plan[1]),
-    )
-    return plan
-
-
-def _shard_rows(cfg: JobConfig, plan: _Plan, video_stats: dict):
+def _shard_rows(cfg: JobConfig, plan: JobPlan, video_stats: dict):
     """Summary rows of every shard done now: images first, then videos (+ stitching)."""
     if plan.todo:
         yield from _dataset(cfg, plan).iter_rows()
@@ -332,7 +236,7 @@ def actor_pool_args(cfg: JobConfig, n_rows: int) -> dict[str, Any]:
     }
 
 
-def _dataset(cfg: JobConfig, plan: _Plan):
+def _dataset(cfg: JobConfig, plan: JobPlan):
     import ray
 
     run_id, todo, markers = plan.run_id, plan.todo, plan.markers

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from sam3ray.config import ConfigError, JobConfig, is_hub_id, load_config, redact
+from sam3ray.config import ConfigError, JobConfig, is_hub_id, load_config
+from sam3ray.config_checks import redact
 from sam3ray.inputs import has_scheme
 
 JOB_CONFIG_NAME = "job.yaml"

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from sam3ray import config as C
-from sam3ray.config import ConfigError, JobConfig, load_config, redact, validate_paths
+from sam3ray.config import ConfigError, JobConfig, load_config
+from sam3ray.config_checks import redact, validate_paths
 
 
 def write_cfg(path: Path, data: dict) -> Path:

@@ -20,7 +20,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from sam3ray.config import JobConfig, redact
+from sam3ray.config import JobConfig
+from sam3ray.config_checks import redact
 
 try:
     import tomllib

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3ray.config import ConfigError, InputConfig, JobConfig, redact, validate_paths
+from sam3ray.config import ConfigError, InputConfig, JobConfig
+from sam3ray.config_checks import redact, validate_paths
 from sam3ray.decode import DecodeError, decode_image
 from sam3ray.inputs import InputError, image_id_for, list_inputs, read_bytes
 from sam3ray.model.loader import CheckpointError, read_checkpoint
