@@ -27,3 +27,31 @@ def tiny_model(tiny_checkpoint):
     from sam3ray import load_sam3_image_model
 
     return load_sam3_image_model(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def meta_device():
+    """A context that builds modules on the meta device (no memory, no time), also
+    sam3's official builders, whose caches hard-code ``device="cuda"``: every explicit
+    ``device=`` becomes "meta"; small ``linspace``/``arange`` stay on CPU because
+    module constructors call ``.item()`` on them."""
+    import contextlib
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class OnMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if kwargs.get("device") is not None:
+                kwargs["device"] = "meta"
+            elif func in (torch.linspace, torch.arange):
+                kwargs["device"] = "cpu"
+            return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def ctx():
+        with torch.device("meta"), OnMeta():
+            yield
+
+    return ctx

@@ -70,19 +70,25 @@ def build_tiny_model(seed: int = 0, resolution: int = 336):
 
 def make_tiny_checkpoint(out: str | os.PathLike, seed: int = 0, resolution: int = 336) -> Path:
     """Write a tiny checkpoint to ``out`` (atomically) and return its path."""
-    import torch
 
     model, arch = build_tiny_model(seed=seed, resolution=resolution)
     state = {f"detector.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = {
-        "model": state,
-        META_KEY: {"arch": arch.to_dict(), "kind": "tiny-random", "seed": seed},
-    }
+    meta = {"arch": arch.to_dict(), "kind": "tiny-random", "seed": seed}
+    return save_checkpoint(state, meta, out, "tiny SAM 3")
+
+
+def save_checkpoint(state: dict, meta: dict, out: str | os.PathLike, what: str) -> Path:
+    """Write ``{"model": state, "sam3ray": meta}`` (the official layout plus our
+    metadata) atomically, so a half-written file never looks like a checkpoint."""
+    import torch
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({"model": state, META_KEY: meta}, tmp)
     os.replace(tmp, out)
     n = sum(math.prod(v.shape) for v in state.values())
-    logger.info("wrote tiny SAM 3 checkpoint %s (%.1f M parameters, seed %d)", out, n / 1e6, seed)
+    logger.info(
+        "wrote %s checkpoint %s (%.1f M parameters, seed %s)", what, out, n / 1e6, meta.get("seed")
+    )
     return out

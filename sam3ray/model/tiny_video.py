@@ -11,12 +11,10 @@ file) and ``video_arch`` (the full ``Sam3VideoArch``).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
-from sam3ray.model.loader import META_KEY
-from sam3ray.model.tiny import _spread_scores, init_uninitialised
+from sam3ray.model.tiny import _spread_scores, init_uninitialised, save_checkpoint
 from sam3ray.model.video_arch import Sam3VideoArch, build_video_model
 
 logger = logging.getLogger(__name__)
@@ -47,24 +45,12 @@ def make_tiny_video_checkpoint(
 
     This is what ``sam3ray make-tiny-checkpoint --video`` calls.
     """
-    import torch
-
     model, arch = build_tiny_video_model(seed, resolution, num_queries)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = {
-        "model": state,
-        META_KEY: {
-            "arch": arch.detector.to_dict(),
-            "video_arch": arch.to_dict(),
-            "kind": VIDEO_KIND,
-            "seed": seed,
-        },
+    meta = {
+        "arch": arch.detector.to_dict(),
+        "video_arch": arch.to_dict(),
+        "kind": VIDEO_KIND,
+        "seed": seed,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
-    n = sum(math.prod(v.shape) for v in state.values())
-    logger.info("wrote tiny SAM 3 video checkpoint %s (%.1f M parameters)", out, n / 1e6)
-    return out
+    return save_checkpoint(state, meta, out, "tiny SAM 3 video")

@@ -344,30 +344,17 @@ def test_copy_of_the_checkpoint_loads_with_a_model_id_from_its_content(tiny_chec
 # --------------------------------------------------------------------------- full arch
 
 
-def test_full_arch_matches_the_official_builder_on_the_meta_device():
+def test_full_arch_matches_the_official_builder_on_the_meta_device(meta_device):
     """``Sam3Arch.full()`` rebuilds exactly the official module tree and state-dict
     layout (the released checkpoint's keys and shapes), without allocating its 840 M
     parameters: both builds run on the meta device."""
-    from torch.overrides import TorchFunctionMode
 
     from sam3ray.model import compat
 
     compat.ensure()
     import sam3.model_builder as official
 
-    class OnMeta(TorchFunctionMode):
-        """Explicit ``device=`` (the official builder's hard-coded "cuda" caches) -> meta.
-        Small ``linspace``/``arange`` stay on CPU: module constructors call ``.item()`` on them."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if kwargs.get("device") is not None:
-                kwargs["device"] = "meta"
-            elif func in (torch.linspace, torch.arange):
-                kwargs["device"] = "cpu"
-            return func(*args, **kwargs)
-
-    with torch.device("meta"), OnMeta():
+    with meta_device():
         ours = build_image_model(Sam3Arch.full())
         theirs = official.build_sam3_image_model(
             bpe_path=compat.bpe_path(),

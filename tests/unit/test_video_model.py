@@ -65,8 +65,7 @@ def stage(video_ckpt, clip):
     return stage
 
 
-def test_full_video_arch_matches_the_official_builder_on_the_meta_device():
-    from torch.overrides import TorchFunctionMode
+def test_full_video_arch_matches_the_official_builder_on_the_meta_device(meta_device):
 
     from sam3ray.model import compat
     from sam3ray.model.video_arch import Sam3VideoArch, build_video_model
@@ -74,16 +73,7 @@ def test_full_video_arch_matches_the_official_builder_on_the_meta_device():
     compat.ensure()
     import sam3.model_builder as official
 
-    class OnMeta(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if kwargs.get("device") is not None:
-                kwargs["device"] = "meta"
-            elif func in (torch.linspace, torch.arange):
-                kwargs["device"] = "cpu"
-            return func(*args, **kwargs)
-
-    with torch.device("meta"), OnMeta():
+    with meta_device():
         ours = build_video_model(Sam3VideoArch.full())
         theirs = official.build_sam3_video_model(
             bpe_path=compat.bpe_path(), load_from_HF=False, device="meta"
