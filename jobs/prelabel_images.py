@@ -1,6 +1,6 @@
 """Scheduled-job entry point: pre-label images with SAM 3 (same as `sam3ray run`).
 
-    python jobs/prelabel_images.py configs/s3-images.yaml --set output.mode=resume
+python jobs/prelabel_images.py configs/s3-images.yaml --set output.mode=resume
 """
 
 from __future__ import annotations
