@@ -66,7 +66,7 @@ def child(mode: str, ckpt: str, video: str, shard_frames: int, overlap: int, rep
     """One measurement in this (fresh) process; prints a JSON line."""
     import torch
 
-    from sam3ray.stages import _from_ipc
+    from sam3ray.stages import from_ipc
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     stage = _stage(ckpt)
@@ -77,7 +77,7 @@ def child(mode: str, ckpt: str, video: str, shard_frames: int, overlap: int, rep
     for _ in range(repeat):
         for s in shards:
             out = stage(s.to_row())
-            img = _from_ipc(out["images_ipc"]).to_pylist()[0]
+            img = from_ipc(out["images_ipc"]).to_pylist()[0]
             assert img["status"] == "ok", img
             frames += len(s.frames)
             infer_ms += img["infer_ms"]

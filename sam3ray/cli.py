@@ -87,8 +87,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_run(args)
     if code == 0:
         print(
-            '\nLook at the labels: python -c "import pandas as pd; '
-            "print(pd.read_parquet('out/local-demo/detections').head())\""
+            "\nLook at the labels: sam3ray stats out/local-demo; "
+            "sam3ray preview out/local-demo --out out/local-demo-preview"
         )
     return code
 

@@ -205,8 +205,8 @@ class SegmentShard:
             "shard_id": row["shard_id"],
             "members_hash": row["members_hash"],
             "previous_files": row.get("previous_files") or [],
-            "detections_ipc": _to_ipc(detections_table(dets)),
-            "images_ipc": _to_ipc(images_table(images)),
+            "detections_ipc": to_ipc(detections_table(dets)),
+            "images_ipc": to_ipc(images_table(images)),
             "actor_pid": os.getpid(),
             "actor_loads": type(self).loads,
             "finished_at": time.time(),  # wall clock: throughput across actors
@@ -304,14 +304,14 @@ class SegmentShard:
         return out
 
 
-def _to_ipc(table: pa.Table) -> bytes:
+def to_ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
-def _from_ipc(blob: bytes) -> pa.Table:
+def from_ipc(blob: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
 
 
@@ -319,11 +319,27 @@ def write_shard(
     row: dict[str, Any], *, output_uri: str, storage_options: dict[str, Any], run_id: str
 ) -> dict[str, Any]:
     """Write a segmented shard and return its summary (counts only, a few hundred bytes)."""
+    det = from_ipc(row["detections_ipc"])
+    img = from_ipc(row["images_ipc"])
+    return commit_shard(
+        row, det, img, output_uri=output_uri, storage_options=storage_options, run_id=run_id
+    )
+
+
+def commit_shard(
+    row: dict[str, Any],
+    det: pa.Table,
+    img: pa.Table,
+    *,
+    output_uri: str,
+    storage_options: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """Write a shard's files and marker (image and video shards alike) and return the
+    driver's summary row for it."""
     from sam3ray.output import ShardWriter
     from sam3ray.output_io import Marker
 
-    det = _from_ipc(row["detections_ipc"])
-    img = _from_ipc(row["images_ipc"])
     previous = None
     if row.get("previous_files"):
         previous = Marker(row["shard_id"], "", 0, 0, 0, 0, run_id, tuple(row["previous_files"]), "")
@@ -350,8 +366,8 @@ def write_shard(
         "n_detections": marker.n_detections,
         "errors_by_reason": json.dumps(dict(reasons)),
         "detections_by_concept": json.dumps(dict(per_concept)),
-        "infer_ms": float(sum(img.column("infer_ms").to_pylist())),
-        "decode_ms": float(sum(img.column("decode_ms").to_pylist())),
+        "infer_ms": float(sum(v or 0 for v in img.column("infer_ms").to_pylist())),
+        "decode_ms": float(sum(v or 0 for v in img.column("decode_ms").to_pylist())),
         "actor_pid": int(row.get("actor_pid", 0)),
         "actor_loads": int(row.get("actor_loads", 0)),
         "finished_at": float(row.get("finished_at") or time.time()),

@@ -18,17 +18,15 @@ Failures are data: a bad video or shard becomes one error images row.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from sam3ray.decode import DecodeError
 from sam3ray.output_schema import detections_table, images_table, utc_now
-from sam3ray.stages import _from_ipc, _to_ipc
+from sam3ray.stages import commit_shard, from_ipc, to_ipc
 from sam3ray.types import ConceptSet, Exemplar
 from sam3ray.video_plan import info_from_row
 
@@ -142,8 +140,8 @@ class TrackShard:
             "index": row["index"],
             "owned": owned,
             "previous_files": row.get("previous_files") or [],
-            "staging_ipc": _to_ipc(detections_table(dets if status == "ok" else [])),
-            "images_ipc": _to_ipc(images_table([image_row])),
+            "staging_ipc": to_ipc(detections_table(dets if status == "ok" else [])),
+            "images_ipc": to_ipc(images_table([image_row])),
             "actor_pid": os.getpid(),
             "actor_loads": type(self).loads,
             "finished_at": time.time(),  # wall clock: throughput across actors
@@ -212,31 +210,12 @@ def write_video_shard(
     row: dict[str, Any], *, output_uri: str, storage_options: dict[str, Any], run_id: str
 ) -> dict[str, Any]:
     """Staging file, then the shard's output files and marker; returns its summary row."""
-    from sam3ray.output import ShardWriter
-    from sam3ray.output_io import Marker
     from sam3ray.video_output import owned_rows, write_staging
 
-    staging = _from_ipc(row["staging_ipc"])
-    img = _from_ipc(row["images_ipc"])
+    staging = from_ipc(row["staging_ipc"])
+    img = from_ipc(row["images_ipc"])
     write_staging(output_uri, storage_options, row["shard_id"], staging)
     det = owned_rows(staging, row["owned"], row["index"])
-    previous = None
-    if row.get("previous_files"):
-        previous = Marker(row["shard_id"], "", 0, 0, 0, 0, run_id, tuple(row["previous_files"]), "")
-    writer = ShardWriter(output_uri, storage_options)
-    marker = writer.write_shard(row["shard_id"], row["members_hash"], det, img, run_id, previous)
-    reasons = Counter(r for r in img.column("error_reason").to_pylist() if r)
-    return {
-        "shard_id": marker.shard_id,
-        "n_inputs": marker.n_inputs,
-        "n_ok": marker.n_ok,
-        "n_error": marker.n_error,
-        "n_detections": marker.n_detections,
-        "errors_by_reason": json.dumps(dict(reasons)),
-        "detections_by_concept": json.dumps(dict(Counter(det.column("concept").to_pylist()))),
-        "infer_ms": float(sum(v or 0 for v in img.column("infer_ms").to_pylist())),
-        "decode_ms": float(sum(v or 0 for v in img.column("decode_ms").to_pylist())),
-        "actor_pid": int(row.get("actor_pid", 0)),
-        "actor_loads": int(row.get("actor_loads", 0)),
-        "finished_at": float(row.get("finished_at") or time.time()),
-    }
+    return commit_shard(
+        row, det, img, output_uri=output_uri, storage_options=storage_options, run_id=run_id
+    )

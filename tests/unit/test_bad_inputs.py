@@ -24,9 +24,9 @@ from sam3ray.output_schema import detections_table
 from sam3ray.stages import (
     SegmentShard,
     SegmentSpec,
-    _from_ipc,
-    _to_ipc,
     decode_shard,
+    from_ipc,
+    to_ipc,
     write_shard,
 )
 from sam3ray.types import Concept, ConceptSet
@@ -117,8 +117,8 @@ def test_a_poison_image_fails_alone_not_its_whole_batch(tmp_path):
     stage = SegmentShard(spec)
     stage.engine = engine = _FakeEngine()
     result = stage(row)
-    images = _from_ipc(result["images_ipc"]).to_pylist()
-    dets = _from_ipc(result["detections_ipc"])
+    images = from_ipc(result["images_ipc"]).to_pylist()
+    dets = from_ipc(result["detections_ipc"])
     assert [r["status"] for r in images] == ["ok", "error", "ok", "ok"]
     bad = images[1]
     assert bad["error_reason"] == "inference_failed" and "mask decoder" in bad["error"]
@@ -240,8 +240,8 @@ def test_writes_and_listings_survive_a_throttled_store(moto_s3):
                 "shard_id": "s" + image_id_for(uri),
                 "members_hash": "h",
                 "previous_files": [],
-                "detections_ipc": _to_ipc(det),
-                "images_ipc": _to_ipc(img),
+                "detections_ipc": to_ipc(det),
+                "images_ipc": to_ipc(img),
             }
             summary = write_shard(
                 row, output_uri=f"s3://{bucket}/out", storage_options=opts, run_id="r1"

@@ -17,7 +17,7 @@ import torch
 
 from sam3ray.inputs import image_id_for
 from sam3ray.prompts import GeometricPrompts
-from sam3ray.stages import _from_ipc
+from sam3ray.stages import from_ipc
 from sam3ray.types import Concept, ConceptSet, Exemplar
 from sam3ray.video_plan import VideoShard, error_shard, video_shards
 from sam3ray.video_samples import write_video
@@ -126,8 +126,8 @@ def test_tracking_stage_equals_the_official_video_model_on_one_shard(stage, clip
     ref, shards = clip
     shard = shards[1]  # frames 8..19: a seek, and the box exemplar on source frame 12
     got = stage(shard.to_row())
-    table = _from_ipc(got["staging_ipc"]).to_pylist()
-    assert _from_ipc(got["images_ipc"]).column("status").to_pylist() == ["ok"]
+    table = from_ipc(got["staging_ipc"]).to_pylist()
+    assert from_ipc(got["images_ipc"]).column("status").to_pylist() == ["ok"]
 
     with av.open(ref.uri) as c:
         decoded = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
@@ -180,7 +180,7 @@ def test_bad_shards_become_error_rows_without_stopping(stage, clip):
         [(None, ref.image_id, THING, Exemplar("box", (0, 0, 500, 10), True, 2))]
     )
     try:
-        got = {k: _from_ipc(stage(r)["images_ipc"]).to_pylist()[0] for k, r in rows.items()}
+        got = {k: from_ipc(stage(r)["images_ipc"]).to_pylist()[0] for k, r in rows.items()}
     finally:
         stage.spec.geometric = geo
     assert got["probe"]["error_reason"] == "unsupported_codec"
@@ -256,7 +256,7 @@ def test_point_prompts_add_an_object_through_the_tracker(stage, clip):
     try:
         row = _shifted(shards[0], 0).to_row()
         row["frames"], row["owned"] = list(range(0, 6)), [0, 6]
-        table = _from_ipc(stage(row)["staging_ipc"]).to_pylist()
+        table = from_ipc(stage(row)["staging_ipc"]).to_pylist()
     finally:
         spec.geometric = old
     pts = [r for r in table if r["query"] == "points:+1-0@3"]

@@ -15,7 +15,7 @@ import pytest
 from sam3ray.masks import encode_rle
 from sam3ray.output import detections_dataset, images_dataset
 from sam3ray.output_schema import detections_table, images_table
-from sam3ray.stages import _to_ipc
+from sam3ray.stages import to_ipc
 from sam3ray.video_output import stitch_video
 from sam3ray.video_stages import write_video_shard
 from sam3ray.video_stitch import ShardTracks, provisional_track_id, stitch
@@ -103,8 +103,8 @@ def _shard_row(video: str, index: int, objects, run_id: str = "run") -> dict:
            "n_detections": n_owned, "width": W, "height": H}  # fmt: skip
     return {
         "shard_id": f"v{video}-{index}", "members_hash": f"h{index}", "video_id": video,
-        "index": index, "owned": list(owned), "staging_ipc": _to_ipc(detections_table(rows)),
-        "images_ipc": _to_ipc(images_table([img])), "frames": list(frames),
+        "index": index, "owned": list(owned), "staging_ipc": to_ipc(detections_table(rows)),
+        "images_ipc": to_ipc(images_table([img])), "frames": list(frames),
     }  # fmt: skip
 
 
