@@ -227,3 +227,10 @@ def test_read_bytes_retries_only_transient_errors(tmp_path, monkeypatch):
     with pytest.raises(PermissionError):
         read_bytes(str(path), base_delay=0.0)
     assert len(calls) == 1
+
+
+def test_gcs_uris_get_a_gcsfs_filesystem():
+    """gs:// is a first-class store (gcsfs is a dependency); nothing is contacted here."""
+    fs, path = filesystem_for("gs://bucket/imgs/a.jpg", {"token": "anon"})
+    assert "gs" in fs.protocol or "gcs" in fs.protocol
+    assert path == "bucket/imgs/a.jpg"
