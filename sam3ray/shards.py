@@ -104,6 +104,20 @@ def make_shards(refs: Sequence[_RefLike], target: int) -> list[Shard]:
     return shards
 
 
+def is_done(
+    shard_id: str,
+    members_hash: str,
+    done_markers: Mapping[str, _MarkerLike],
+    retry_errors: bool = False,
+) -> bool:
+    """The resume rule for any shard (images or video frames): its marker exists for
+    this exact membership, and (with ``retry_errors``) it recorded no error."""
+    marker = done_markers.get(shard_id)
+    if marker is None or marker.members_hash != members_hash:
+        return False
+    return not (retry_errors and marker.n_error > 0)
+
+
 def plan_shards(
     refs: Sequence[_RefLike],
     target: int,
@@ -119,10 +133,7 @@ def plan_shards(
     todo: list[Shard] = []
     skipped: list[Shard] = []
     for shard in make_shards(refs, target):
-        marker = done_markers.get(shard.shard_id)
-        done = marker is not None and marker.members_hash == shard.members_hash
-        if done and retry_errors and marker.n_error > 0:
-            done = False
+        done = is_done(shard.shard_id, shard.members_hash, done_markers, retry_errors)
         (skipped if done else todo).append(shard)
     logger.info("shard plan: %d to do, %d already done", len(todo), len(skipped))
     return todo, skipped

@@ -24,6 +24,7 @@ from typing import Any
 
 from sam3ray.decode import DecodeError
 from sam3ray.inputs import InputRef
+from sam3ray.shards import is_done
 from sam3ray.types import stable_id
 from sam3ray.video_decode import VideoInfo, probe_video
 
@@ -152,10 +153,7 @@ def plan_video_shards(
                 ref, info, video_cfg.shard_frames, video_cfg.overlap_frames, video_cfg.frame_stride
             )
         for shard in shards:
-            marker = done_markers.get(shard.shard_id)
-            done = marker is not None and marker.members_hash == shard.members_hash
-            if done and retry_errors and marker.n_error > 0:
-                done = False
+            done = is_done(shard.shard_id, shard.members_hash, done_markers, retry_errors)
             (skipped if done else todo).append(shard)
     logger.info("video plan: %d shards to do, %d already done", len(todo), len(skipped))
     return todo, skipped
