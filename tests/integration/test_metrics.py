@@ -65,7 +65,9 @@ def test_null_metrics_and_pickling() -> None:
     assert clone.tags == {"run_id": "r1"} and clone._images is None and not clone.disabled
 
 
-def _record_in_actor(metrics: RayMetrics) -> dict:
+def _record_in_actor(metrics: RayMetrics) -> tuple[dict, object]:
+    """Records in a live actor; the caller kills it after scraping, because a dead
+    worker's not-yet-exported series may never reach the metrics agent."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -90,13 +92,15 @@ def _record_in_actor(metrics: RayMetrics) -> dict:
 
     actor = Recorder.remote(metrics)
     try:
-        return ray.get(actor.run.remote(), timeout=120)
-    finally:
+        return ray.get(actor.run.remote(), timeout=120), actor
+    except BaseException:
         ray.kill(actor)
+        raise
 
 
-def _scrape(run_id: str, want: int, timeout_s: float = 60) -> dict[str, float]:
-    """Series carrying ``run_id`` from every node's metrics endpoint, once ``want`` show."""
+def _scrape(run_id: str, want: set[str], timeout_s: float = 90) -> dict[str, float]:
+    """Series carrying ``run_id`` from every node's metrics endpoint, once all of
+    ``want`` show (counters and histograms are exported on separate ticks)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -116,7 +120,7 @@ def _scrape(run_id: str, want: int, timeout_s: float = 60) -> dict[str, float]:
                 if f'run_id="{run_id}"' in line and not line.startswith("#"):
                     name, _, value = line.rpartition(" ")
                     found[_series_key(name)] = float(value)
-        if len(found) >= want:
+        if want <= found.keys():
             return found
         time.sleep(1)
     return found
@@ -131,15 +135,29 @@ def _series_key(series: str) -> str:
 
 
 def test_ray_metrics_record_inside_actor(ray_ready: None) -> None:
+    import ray
+
     run_id = uuid.uuid4().hex[:12]  # isolates this test's series on a shared cluster
-    info = _record_in_actor(RayMetrics({"run_id": run_id}))
+    info, actor = _record_in_actor(RayMetrics({"run_id": run_id}))
     assert not info["disabled"]
     assert info["types"] == ["Counter", "Counter", "Histogram"]
     assert info["names"] == [IMAGES_METRIC, DETECTIONS_METRIC, LATENCY_METRIC]
     assert info["tag_keys"] == [("run_id", "status", "reason"), ("run_id", "concept")]
     assert info["boundaries"] == list(LATENCY_BOUNDARIES_MS)
 
-    series = _scrape(run_id, want=5)
+    want = {
+        "ray_sam3ray_images_total{reason=none,status=ok}",
+        "ray_sam3ray_images_total{reason=decode_failed,status=error}",
+        "ray_sam3ray_detections_total{concept=cat}",
+        "ray_sam3ray_inference_latency_ms_count{}",
+        "ray_sam3ray_inference_latency_ms_bucket{le=10.0}",
+        "ray_sam3ray_inference_latency_ms_bucket{le=25.0}",
+        "ray_sam3ray_inference_latency_ms_sum{}",
+    }
+    try:
+        series = _scrape(run_id, want)
+    finally:
+        ray.kill(actor)
     assert series.get("ray_sam3ray_images_total{reason=none,status=ok}") == 1.0, series
     assert series.get("ray_sam3ray_images_total{reason=decode_failed,status=error}") == 1.0
     assert series.get("ray_sam3ray_detections_total{concept=cat}") == 3.0

@@ -205,7 +205,9 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
     """resources.actors [2, 2] x cpus_per_actor 1 on a 2-CPU Ray: the pool's minimum takes
     every CPU, so no decode task can ever be scheduled. The job must say so (naming the
     resources.* fields) instead of waiting forever. Its own Ray, in its own process group,
-    killed after 60 s: a hang must not take the session's Ray down with it."""
+    killed after 60 s: a hang must not take the session's Ray down with it.
+    shard_size 1 gives 4 shards, so the pool minimum is never cut to the shard count
+    (at shard_size 2, content-defined cuts over tmp paths can make one shard of 4)."""
     images = tmp_path / "images"
     it.write_images(images, 4)
     concepts = it.write_concepts(tmp_path / "concepts.csv")
@@ -223,7 +225,7 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
             "inference": {{"max_imgsz": 256}},
             "resources": {{"gpus_per_actor": 0, "cpus_per_actor": 1, "actors": [2, 2],
                            "decode_cpus": 0.5}},
-            "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 2}},
+            "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 1}},
         }})
         t0 = time.perf_counter()
         try:
