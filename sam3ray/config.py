@@ -141,6 +141,11 @@ class OutputConfig(BaseModel):
     mode: Literal["resume", "overwrite"] = Field("resume", description="Skip or redo done shards")
     shard_size: int = Field(256, ge=1, description="Target images per shard")
     retry_errors: bool = Field(False, description="On resume, redo inputs that ended in error")
+    on_settings_change: Literal["redo", "refuse"] = Field(
+        "redo",
+        description="On resume, shards labelled with other concepts, checkpoint or "
+        "thresholds: relabel them, or refuse to start",
+    )
     storage_options: dict[str, Any] = Field({}, description="Empty = input.storage_options")
     max_error_rate: float = Field(1.0, ge=0, le=1, description="Fail when errors/inputs > this")
 

@@ -133,12 +133,15 @@ class ShardWriter:
         images: pa.Table,
         run_id: str,
         previous_marker: Marker | None = None,
+        settings_hash: str = "",
     ) -> Marker:
         """Validate, write detections per class, the images file, drop stale files, commit.
 
         ``previous_marker`` (from ``scan_markers``) lists the files an earlier
         attempt wrote; those not rewritten now (a concept no longer found) are
         deleted, so readers never see rows the current attempt did not produce.
+        ``settings_hash`` (see ``sam3ray.fingerprint``) goes into the marker, so a
+        resume with other labelling settings knows this shard's labels are stale.
         Files of an attempt that died before its marker are not known to anyone:
         they are overwritten if the redo finds the same concepts, else they stay
         (``clear_output`` / overwrite mode removes them); listing every class
@@ -188,6 +191,7 @@ class ShardWriter:
             run_id=run_id,
             files=tuple(files),
             written_at=utc_now().isoformat(),
+            settings_hash=settings_hash,
         )
         atomic_write(*self._path(marker_relpath(shard_id)), marker.to_json())
         return marker

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,11 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 _INT_FIELDS = ("n_inputs", "n_ok", "n_error", "n_detections")
+#: Infix of ``atomic_write``'s hidden temp files (``.<name>.tmp-<hex>``).
+TMP_INFIX = ".tmp-"
+#: A temp file lives for the seconds of one write; one this old was left by a killed
+#: process (SIGKILL skips the cleanup), never by a live writer.
+STALE_TMP_S = 15 * 60
 _STR_FIELDS = ("shard_id", "members_hash", "run_id", "written_at")
 
 
@@ -37,6 +43,7 @@ class Marker:
     run_id: str
     files: tuple[str, ...]
     written_at: str
+    settings_hash: str = ""  # fingerprint.Fingerprinter digest; "" in pre-fingerprint markers
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,8 +68,11 @@ class Marker:
         files = d.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("marker field 'files' missing or not a list of strings")
+        settings_hash = d.get("settings_hash", "")
+        if not isinstance(settings_hash, str):
+            raise ValueError("marker field 'settings_hash' is not a string")
         kwargs = {k: d[k] for k in _STR_FIELDS + _INT_FIELDS}
-        return cls(files=tuple(files), **kwargs)
+        return cls(files=tuple(files), settings_hash=settings_hash, **kwargs)
 
 
 def marker_from_bytes(blob: bytes) -> Marker:
@@ -103,7 +113,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = os.path.join(directory, f".{name}{TMP_INFIX}{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -114,6 +124,32 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(
+    fs: fsspec.AbstractFileSystem, root: str, older_than_s: float = STALE_TMP_S
+) -> int:
+    """Delete the hidden temp files a killed writer left under a local output root.
+
+    Readers skip them already; this only gives the disk back. Object stores
+    have none (one PUT per file). Returns how many were removed.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if not (name.startswith(".") and TMP_INFIX in name):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.remove(path)
+                    removed += 1
+            except FileNotFoundError:  # its writer finished or another cleaner won
+                continue
+    return removed
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:

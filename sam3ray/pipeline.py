@@ -176,8 +176,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "shards": {
             "done_now": totals["shards"],
             "skipped": len(plan.skipped) + len(plan.video_plan[1]),
+            "relabelled": len(plan.relabelled),
             "orphaned": plan.orphans,
         },
+        "labelling_settings": plan.settings,
         "videos": {"inputs": len(plan.video_refs), **video_stats},
         "actors": {"count": len(actors), "model_loads_per_actor": sorted(actors.values())},
         "timing_s": {
@@ -247,6 +249,7 @@ def _dataset(cfg: JobConfig, plan: JobPlan):
         {
             "shard_id": s.shard_id,
             "members_hash": s.members_hash,
+            "settings_hash": s.settings_hash,
             "uris": list(s.uris),
             "image_ids": list(s.image_ids),
             "previous_files": list(markers[s.shard_id].files) if s.shard_id in markers else [],

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+from sam3ray.fingerprint import Fingerprinter
 from sam3ray.pipeline import WRITE_CPUS, _init_ray, actor_pool_args
 from sam3ray.video_plan import VideoShard, plan_video_shards
 from sam3ray.video_stages import TrackShard, TrackSpec, write_video_shard
@@ -76,7 +77,9 @@ def run_video_shards(
     outcome) and ``stitch_s``.
     """
     stats = stats if stats is not None else {}
-    todo, skipped = plan if plan is not None else plan_video(cfg, video_refs, markers)
+    if plan is None:
+        plan = plan_video(cfg, video_refs, markers, Fingerprinter(cfg, concepts, geometric))
+    todo, skipped = plan
     stats.update(
         shards_todo=len(todo),
         shards_skipped=len(skipped),
@@ -92,10 +95,18 @@ def run_video_shards(
     stats["stitch_s"] = round(time.perf_counter() - t0, 3)
 
 
-def plan_video(cfg, video_refs: Sequence[Any], markers: Mapping[str, Any]):
-    """(todo, skipped) video shards of a job (probes every video; no Ray needed)."""
+def plan_video(
+    cfg, video_refs: Sequence[Any], markers: Mapping[str, Any], fingerprint: Fingerprinter
+):
+    """(todo, skipped) video shards of a job (probes every video; no Ray needed).
+    A video's shards share one settings fingerprint (its exemplars included)."""
     return plan_video_shards(
-        video_refs, cfg.video, markers, cfg.output.retry_errors, cfg.input.storage_options
+        video_refs,
+        cfg.video,
+        markers,
+        cfg.output.retry_errors,
+        cfg.input.storage_options,
+        lambda s: fingerprint.for_inputs([(s.uri, s.video_id)]),
     )
 
 

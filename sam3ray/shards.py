@@ -13,9 +13,9 @@ insertion can shift the cap cuts, but never beyond the next content boundary.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
 
 from sam3ray.types import stable_id
 
@@ -29,7 +29,17 @@ class _RefLike(Protocol):
 
 class _MarkerLike(Protocol):
     members_hash: str
+    settings_hash: str
     n_error: int
+
+
+class _ShardLike(Protocol):
+    shard_id: str
+    members_hash: str
+    settings_hash: str
+
+
+_S = TypeVar("_S", bound=_ShardLike)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Shard:
     uris: tuple[str, ...]
     image_ids: tuple[str, ...]
     members_hash: str
+    settings_hash: str = ""  # fingerprint of the labelling settings (set by the planner)
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -105,17 +116,51 @@ def make_shards(refs: Sequence[_RefLike], target: int) -> list[Shard]:
 
 
 def is_done(
-    shard_id: str,
-    members_hash: str,
+    shard: _ShardLike,
     done_markers: Mapping[str, _MarkerLike],
     retry_errors: bool = False,
 ) -> bool:
     """The resume rule for any shard (images or video frames): its marker exists for
-    this exact membership, and (with ``retry_errors``) it recorded no error."""
-    marker = done_markers.get(shard_id)
-    if marker is None or marker.members_hash != members_hash:
+    this exact membership and these labelling settings, and (with ``retry_errors``)
+    it recorded no error."""
+    marker = done_markers.get(shard.shard_id)
+    if marker is None or marker.members_hash != shard.members_hash:
+        return False
+    if marker.settings_hash != shard.settings_hash:
         return False
     return not (retry_errors and marker.n_error > 0)
+
+
+def settings_changed(shards: Iterable[_S], done_markers: Mapping[str, _MarkerLike]) -> list[_S]:
+    """Shards whose marker matches their membership but not their labelling settings:
+    the ones a resume relabels only because the concepts, model or thresholds changed."""
+    out = []
+    for shard in shards:
+        marker = done_markers.get(shard.shard_id)
+        if (
+            marker is not None
+            and marker.members_hash == shard.members_hash
+            and marker.settings_hash != shard.settings_hash
+        ):
+            out.append(shard)
+    return out
+
+
+def split_done(
+    shards: Iterable[_S],
+    done_markers: Mapping[str, _MarkerLike],
+    retry_errors: bool = False,
+    fingerprint: Callable[[_S], str] | None = None,
+) -> tuple[list[_S], list[_S]]:
+    """(todo, skipped): stamp each shard with its settings ``fingerprint`` (when
+    given), then apply :func:`is_done`. Shared by image and video planning."""
+    todo: list[_S] = []
+    skipped: list[_S] = []
+    for shard in shards:
+        if fingerprint is not None:
+            shard = replace(shard, settings_hash=fingerprint(shard))  # type: ignore[type-var]
+        (skipped if is_done(shard, done_markers, retry_errors) else todo).append(shard)
+    return todo, skipped
 
 
 def plan_shards(
@@ -123,18 +168,16 @@ def plan_shards(
     target: int,
     done_markers: Mapping[str, _MarkerLike],
     retry_errors: bool = False,
+    fingerprint: Callable[[Shard], str] | None = None,
 ) -> tuple[list[Shard], list[Shard]]:
     """Split the shards into (todo, skipped) given the commit markers found on resume.
 
-    A shard is skipped only if its marker was written for the same membership:
-    if an input joined or left, the shard's files are stale and it is redone.
-    With ``retry_errors`` a shard whose marker recorded errors is redone too.
+    A shard is skipped only if its marker was written for the same membership
+    and settings: if an input joined or left, or the concepts, checkpoint or
+    thresholds changed (``fingerprint``), the shard's files are stale and it is
+    redone. With ``retry_errors`` a shard whose marker recorded errors is redone too.
     """
-    todo: list[Shard] = []
-    skipped: list[Shard] = []
-    for shard in make_shards(refs, target):
-        done = is_done(shard.shard_id, shard.members_hash, done_markers, retry_errors)
-        (skipped if done else todo).append(shard)
+    todo, skipped = split_done(make_shards(refs, target), done_markers, retry_errors, fingerprint)
     logger.info("shard plan: %d to do, %d already done", len(todo), len(skipped))
     return todo, skipped
 

@@ -1,7 +1,8 @@
 """The job's three stages as plain callables that know nothing of Ray.
 
-A row is a *shard* (see shards.py): ``shard_id``, ``members_hash``, ``uris``,
-``image_ids``, ``previous_files``. Each stage takes a row dict and returns one:
+A row is a *shard* (see shards.py): ``shard_id``, ``members_hash``,
+``settings_hash``, ``uris``, ``image_ids``, ``previous_files``. Each stage takes
+a row dict and returns one:
 
 - :func:`decode_shard` (CPU): read bytes through fsspec, decode, downscale to
   ``max_imgsz``; a bad input becomes an error entry, never an exception.
@@ -204,6 +205,7 @@ class SegmentShard:
         return {
             "shard_id": row["shard_id"],
             "members_hash": row["members_hash"],
+            "settings_hash": row.get("settings_hash") or "",
             "previous_files": row.get("previous_files") or [],
             "detections_ipc": to_ipc(detections_table(dets)),
             "images_ipc": to_ipc(images_table(images)),
@@ -349,7 +351,13 @@ def commit_shard(
     # client's own retries gave up is redone whole, with a longer backoff.
     marker = retry_transient(
         lambda: writer.write_shard(
-            row["shard_id"], row["members_hash"], det, img, run_id, previous
+            row["shard_id"],
+            row["members_hash"],
+            det,
+            img,
+            run_id,
+            previous,
+            row.get("settings_hash") or "",
         ),
         f"writing shard {row['shard_id']}",
         retries=8,

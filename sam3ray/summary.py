@@ -29,6 +29,9 @@ def summary_text(summary: dict[str, Any]) -> str:
     ]
     for reason, n in sorted(summary["errors_by_reason"].items()):
         lines.append(f"    error {reason}: {n}")
+    relabelled = summary.get("shards", {}).get("relabelled", 0)
+    if relabelled:
+        lines.append(f"  relabelled {relabelled} shards made with other labelling settings")
     lines.append(f"  detections {summary['detections']}")
     for concept, n in sorted(summary["detections_by_concept"].items()):
         lines.append(f"    {concept}: {n}")

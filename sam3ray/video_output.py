@@ -130,7 +130,9 @@ def stitch_video(
         ):
             det = owned_rows(staging[sid], s["owned"], s["index"], mapping)
             img = _read(fs, f"{root}/{images_relpath(sid)}")
-            marker = writer.write_shard(sid, marker.members_hash, det, img, marker.run_id, marker)
+            marker = writer.write_shard(
+                sid, marker.members_hash, det, img, marker.run_id, marker, marker.settings_hash
+            )
             rewritten += 1
         new_record["shards"][sid] = {"written_at": marker.written_at, "mapping": digest}
     new_record["stitched_at"] = utc_now().isoformat()

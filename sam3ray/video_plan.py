@@ -17,14 +17,14 @@ becomes one error shard (start 0) that yields an error row and nothing else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sam3ray.decode import DecodeError
 from sam3ray.inputs import InputRef
-from sam3ray.shards import is_done
+from sam3ray.shards import split_done
 from sam3ray.types import stable_id
 from sam3ray.video_decode import VideoInfo, probe_video
 
@@ -48,6 +48,7 @@ class VideoShard:
     info: VideoInfo | None
     error_reason: str | None = None
     error: str | None = None
+    settings_hash: str = ""  # fingerprint of the labelling settings (set by the planner)
 
     def to_row(self, previous_files: Sequence[str] = ()) -> dict[str, Any]:
         row = asdict(self)
@@ -135,25 +136,24 @@ def plan_video_shards(
     done_markers: Mapping[str, Any],
     retry_errors: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    fingerprint: Callable[[VideoShard], str] | None = None,
 ) -> tuple[list[VideoShard], list[VideoShard]]:
     """(todo, skipped) over all videos, as ``shards.plan_shards`` does for images.
 
     ``video_cfg`` is ``config.VideoConfig``. A shard is skipped when its marker
-    matches its membership (and, with ``retry_errors``, recorded no error).
+    matches its membership and settings ``fingerprint`` (and, with
+    ``retry_errors``, recorded no error).
     """
     probes = probe_all(refs, storage_options)
-    todo: list[VideoShard] = []
-    skipped: list[VideoShard] = []
+    shards: list[VideoShard] = []
     for ref in sorted(refs, key=lambda r: r.uri):
         info = probes[ref.uri]
         if isinstance(info, DecodeError):
-            shards = [error_shard(ref, info)]
+            shards.append(error_shard(ref, info))
         else:
-            shards = video_shards(
+            shards += video_shards(
                 ref, info, video_cfg.shard_frames, video_cfg.overlap_frames, video_cfg.frame_stride
             )
-        for shard in shards:
-            done = is_done(shard.shard_id, shard.members_hash, done_markers, retry_errors)
-            (skipped if done else todo).append(shard)
+    todo, skipped = split_done(shards, done_markers, retry_errors, fingerprint)
     logger.info("video plan: %d shards to do, %d already done", len(todo), len(skipped))
     return todo, skipped

@@ -136,6 +136,7 @@ class TrackShard:
         return {
             "shard_id": row["shard_id"],
             "members_hash": row["members_hash"],
+            "settings_hash": row.get("settings_hash") or "",
             "video_id": row["video_id"],
             "index": row["index"],
             "owned": owned,

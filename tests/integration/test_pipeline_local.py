@@ -22,11 +22,14 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
 from sam3ray.cli import main as cli_main
+from sam3ray.config import ConfigError, JobConfig
 from sam3ray.pipeline import run_job
+from sam3ray.summary import summary_text
 from sam3ray.types import Exemplar
 
 pytestmark = pytest.mark.integration
@@ -152,6 +155,65 @@ def test_resume_skips_done_shards_and_redoes_only_a_removed_one(it, local_job, t
     pairs = {(r["shard_id"], r["run_id"]) for r in images.to_pylist()}
     assert {sid for sid, rid in pairs if rid == redo["run_id"]} == {marker["shard_id"]}
     assert {rid for sid, rid in pairs if sid != marker["shard_id"]} == {first["run_id"]}
+
+
+def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
+    """Resume after raising inference.conf: refused when the config says so, else every
+    shard is relabelled (stale concept files dropped); an exemplar added for one image
+    then relabels only that image's shard."""
+    first = local_job["summary"]
+    n_shards = first["shards"]["done_now"]
+    out = str(tmp_path / "labels")
+    shutil.copytree(local_job["out"], out)
+    before = it.read_output(out)[1].select(["image_id", "class_id", "score"]).to_pylist()
+    base = local_job["cfg"]
+
+    def variant(on_change: str = "redo", geometric: str | None = None) -> JobConfig:
+        return base.model_copy(
+            update={
+                "output": base.output.model_copy(
+                    update={"uri": out, "on_settings_change": on_change}
+                ),
+                "inference": base.inference.model_copy(update={"conf": 0.6}),
+                "prompts": base.prompts.model_copy(update={"geometric": geometric}),
+            }
+        )
+
+    with pytest.raises(ConfigError) as refused:
+        run_job(variant("refuse"))
+    message = str(refused.value)
+    assert "output.on_settings_change" in message and first["run_id"] in message
+    assert f"{n_shards} shards" in message
+    assert len(list(Path(out, "runs").glob("*.json"))) == 1, "refused before any work"
+
+    redo = run_job(variant())
+    assert redo["shards"]["relabelled"] == redo["shards"]["done_now"] == n_shards
+    assert (redo["inputs_processed"], redo["shards"]["skipped"]) == (N_IMAGES, 0)
+    assert redo["labelling_settings"]["inference"]["conf"] == 0.6
+    assert f"relabelled {n_shards} shards" in summary_text(redo)
+    images, detections = it.read_output(out)
+    it.check_images_invariant(images, detections, local_job["uris"])
+    assert set(images.column("run_id").to_pylist()) == {redo["run_id"]}
+    # Raising the threshold keeps exactly the old detections above it (rocket has its
+    # own min_score 0.5): greedy NMS over a score prefix is a prefix of the NMS result.
+    kept = [d for d in before if str(d["class_id"]) == it.ROCKET or d["score"] >= 0.6]
+    assert 0 < len(kept) < len(before)
+    assert it.detection_set(detections) == it.detection_set(pa.Table.from_pylist(kept))
+
+    again = run_job(variant())
+    assert again["inputs_processed"] == 0 and again["shards"]["relabelled"] == 0
+
+    target = local_job["uris"][0]
+    geometric = tmp_path / "geometric.csv"
+    geometric.write_text(
+        f"image_uri,class_id,kind,x0,y0,x1,y1,positive\n{target},{it.CAT},box,20,30,120,140,true\n"
+    )
+    one = run_job(variant(geometric=str(geometric)))
+    assert one["shards"]["relabelled"] == one["shards"]["done_now"] == 1
+    images = it.read_output(out)[0].to_pylist()
+    (redone,) = {r["shard_id"] for r in images if r["run_id"] == one["run_id"]}
+    assert redone == next(r["shard_id"] for r in images if r["uri"] == target)
+    assert one["inputs_processed"] == sum(r["shard_id"] == redone for r in images)
 
 
 def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path):

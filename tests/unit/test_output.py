@@ -423,3 +423,22 @@ def test_marker_parsing_is_strict():
     ):
         with pytest.raises(ValueError):
             Marker.from_dict(broken)
+
+
+def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
+    """Only old hidden temp files go: data files, markers and a live write's temp stay."""
+    root = tmp_path / "labels"
+    det = root / "detections" / f"class_id={CAT}"
+    det.mkdir(parents=True)
+    (root / "_markers").mkdir()
+    keep = [det / "part-s1.parquet", root / "_markers" / "s1.json", det / ".part-s2.parquet.tmp-b"]
+    old = [det / ".part-s3.parquet.tmp-a", root / "_markers" / ".s3.json.tmp-c"]
+    for path in keep + old:
+        path.write_bytes(b"x")
+    for path in old + [keep[0]]:
+        os.utime(path, (1, 1))  # 1970: long dead
+    fs, root_path = output_io.filesystem(str(root))
+    assert output_io.remove_stale_temp_files(fs, root_path) == 2
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in old)
+    assert output_io.remove_stale_temp_files(fs, root_path) == 0
+    assert output_io.remove_stale_temp_files(fs, str(tmp_path / "absent")) == 0

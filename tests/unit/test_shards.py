@@ -128,7 +128,7 @@ def test_one_insertion_or_removal_only_changes_its_own_run(target):
 
 
 def marker(h: str, n_error: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(members_hash=h, n_error=n_error)
+    return SimpleNamespace(members_hash=h, settings_hash="", n_error=n_error)
 
 
 def test_plan_skips_done_shards_and_redoes_changed_ones():

@@ -30,6 +30,7 @@ def _ref(path) -> InputRef:
 class _Marker:
     members_hash: str
     n_error: int = 0
+    settings_hash: str = ""
 
 
 @pytest.fixture(scope="module")
