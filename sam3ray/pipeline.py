@@ -21,6 +21,7 @@ from sam3ray.config import ConfigError, JobConfig
 from sam3ray.config_checks import redact
 from sam3ray.inputs import retry_transient
 from sam3ray.metrics import RayMetrics
+from sam3ray.orphans import reconcile_orphans
 from sam3ray.output import write_run_summary
 from sam3ray.planning import JobPlan, plan_job
 from sam3ray.stages import FAULT_ENV_VARS, SegmentShard, SegmentSpec, decode_shard, write_shard
@@ -156,8 +157,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             per_concept.update(json.loads(row["detections_by_concept"]))
             actors[row["actor_pid"]] = max(actors.get(row["actor_pid"], 0), row["actor_loads"])
             totals["shards"] += 1
+    pipe_s = time.perf_counter() - t_pipe
+    # Only now, with every current shard committed, may orphans give up their rows.
+    orphans = reconcile_orphans(
+        out_uri, out_opts, {sid: plan.markers[sid] for sid in plan.orphans}, plan.current_ids()
+    )
     t_end = time.perf_counter()
-    pipe_s = t_end - t_pipe
     steady_s = last_finish - first_finish[0] if first_finish else 0.0
     steady_images = totals["n_inputs"] - (first_finish[1] if first_finish else 0)
     video_stats.pop("shard_ids", None)
@@ -177,7 +182,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             "done_now": totals["shards"],
             "skipped": len(plan.skipped) + len(plan.video_plan[1]),
             "relabelled": len(plan.relabelled),
-            "orphaned": plan.orphans,
+            "orphaned": len(plan.orphans),
+            "orphans": orphans,
         },
         "labelling_settings": plan.settings,
         "videos": {"inputs": len(plan.video_refs), **video_stats},

@@ -52,6 +52,10 @@ class JobPlan:
         """Images plus video shards: the units that get one ``images`` row each."""
         return len(self.image_refs) + len(self.video_plan[0]) + len(self.video_plan[1])
 
+    def current_ids(self) -> set[str]:
+        """Ids of every input this run lists (images and videos): the ones it labels."""
+        return {r.image_id for r in self.image_refs} | {r.image_id for r in self.video_refs}
+
     @property
     def skipped_inputs(self) -> int:
         return sum(len(s) for s in self.skipped) + len(self.video_plan[1])
@@ -102,8 +106,9 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     video_ids = {s.shard_id for s in video_plan[0] + video_plan[1]}
     orphans = [o for o in orphaned_shard_ids(todo + skipped, markers) if o not in video_ids]
     if orphans:
-        logger.warning(
-            "%d shards in %s belong to no current input (inputs removed since?): left as is",
+        logger.info(
+            "%d committed shards in %s belong to no current shard: the inputs a current "
+            "shard owns are dropped from them after this run (sam3ray.orphans)",
             len(orphans),
             out_uri,
         )

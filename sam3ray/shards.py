@@ -188,8 +188,8 @@ def orphaned_shard_ids(shards: Iterable[Shard], done_markers: Mapping[str, objec
     They appear when an input that started a shard is removed (its members join
     the previous shard, under that shard's id): the old shard's rows would then
     be duplicated by the new one.  They also appear when a run covers only a
-    subset of an earlier run's inputs, so the caller decides whether to delete
-    them (``output.ShardWriter.delete_shard``); this function never does.
+    subset of an earlier run's inputs, so they are never deleted blindly:
+    ``orphans.reconcile_orphans`` trims them to the inputs no current shard owns.
     """
     current = {s.shard_id for s in shards}
     return sorted(sid for sid in done_markers if sid not in current)

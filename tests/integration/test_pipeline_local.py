@@ -216,6 +216,28 @@ def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
     assert one["inputs_processed"] == sum(r["shard_id"] == redone for r in images)
 
 
+def test_changing_shard_size_leaves_each_input_once(it, local_job, tmp_path):
+    """shard_size 3 -> 1000: one new shard (it keeps the first old shard's id, so that
+    shard is rewritten); every other old shard becomes an orphan whose inputs all belong
+    to the new shard, and is deleted after the run. Each input is in the output once."""
+    out = str(tmp_path / "labels")
+    shutil.copytree(local_job["out"], out)
+    before = it.scores_by_key(it.read_output(out)[1])
+    n_old = local_job["summary"]["shards"]["done_now"]
+    base = local_job["cfg"]
+    cfg = base.model_copy(
+        update={"output": base.output.model_copy(update={"uri": out, "shard_size": 1000})}
+    )
+    summary = run_job(cfg)
+    assert summary["shards"]["done_now"] == 1 and summary["inputs_processed"] == N_IMAGES
+    assert summary["shards"]["orphaned"] == n_old - 1 >= 2
+    assert summary["shards"]["orphans"] == {"deleted": n_old - 1}
+    images, detections = it.read_output(out)
+    it.check_images_invariant(images, detections, local_job["uris"])  # each input once
+    it.assert_same_as_engine(it.scores_by_key(detections), before)  # other batch mates
+    assert len(list(Path(out, "_markers").glob("*.json"))) == 1
+
+
 def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path):
     """In a fresh interpreter: run_job raises naming file, row and field; Ray never started."""
     it.write_images(tmp_path / "images", 2)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sam3ray import output, output_io
+from sam3ray.orphans import reconcile_orphans, trim_orphan
 from sam3ray.output import (
     DETECTIONS_SCHEMA,
     IMAGES_SCHEMA,
@@ -29,6 +30,7 @@ from sam3ray.output import (
     scan_markers,
     write_run_summary,
 )
+from sam3ray.shards import members_hash
 from sam3ray.types import stable_id
 
 RUN = "run-20260101-abc"
@@ -234,6 +236,57 @@ def test_delete_shard_removes_its_files_then_marker(out):
     assert scan_markers(uri, so) == {}
     assert detections_dataset(uri, so).count_rows() == 0
     assert images_dataset(uri, so).count_rows() == 0
+
+
+def test_orphan_gives_up_inputs_a_current_shard_owns(out):
+    """Trim keeps the rows of inputs no current shard lists (and drops a class file left
+    empty), keeps the marker's run and settings; an orphan fully claimed is deleted."""
+    uri, so = out
+    writer = ShardWriter(uri, so)
+    uris = [f"s3://src/img/{i}.jpg" for i in range(3)]
+    dets = [det(uris[0], CAT, 0.9), det(uris[0], CAT, 0.8), det(uris[1], DOG, 0.7)]
+    imgs = [image(uris[0], n=2), image(uris[1], n=1), image(uris[2], "error")]
+    marker = writer.write_shard(
+        SHARD, "h", detections_table(dets), images_table(imgs), RUN, settings_hash="fp1"
+    )
+    ids = [stable_id(u) for u in uris]
+
+    assert trim_orphan(writer, marker, {"not-" + ids[0]}) == "kept"
+    assert scan_markers(uri, so)[SHARD] == marker
+
+    assert trim_orphan(writer, marker, {ids[1]}) == "trimmed"
+    trimmed = scan_markers(uri, so)[SHARD]
+    assert trimmed.members_hash == members_hash([ids[0], ids[2]])
+    assert (trimmed.run_id, trimmed.settings_hash) == (RUN, "fp1")
+    assert (trimmed.n_inputs, trimmed.n_ok, trimmed.n_error, trimmed.n_detections) == (2, 1, 1, 2)
+    assert trimmed.files == (
+        f"detections/class_id={CAT}/part-{SHARD}.parquet",
+        f"images/part-{SHARD}.parquet",
+    )  # the DOG file held only the claimed input's rows
+    got = detections_dataset(uri, so).to_table()  # unclaimed ids[0] keeps its labels
+    assert set(got.column("image_id").to_pylist()) == {ids[0]} and got.num_rows == 2
+    assert sorted(images_dataset(uri, so).to_table().column("image_id").to_pylist()) == sorted(
+        [ids[0], ids[2]]
+    )
+
+    assert trim_orphan(writer, trimmed, {ids[0], ids[2]}) == "deleted"
+    assert scan_markers(uri, so) == {}
+    assert images_dataset(uri, so).count_rows() == detections_dataset(uri, so).count_rows() == 0
+
+
+def test_reconcile_counts_outcomes_and_finishes_a_half_deleted_orphan(tmp_path):
+    uri = str(tmp_path / "labels")
+    writer = ShardWriter(uri)
+    other = "s" + stable_id("other")
+    det_t, img_t = tables()
+    kept = writer.write_shard(SHARD, "h", det_t, img_t, RUN)
+    img_o = img_t.set_column(3, "shard_id", pa.array([other] * 3))
+    half = writer.write_shard(other, "h", det_t, img_o, RUN)
+    os.remove(tmp_path / "labels" / "images" / f"part-{other}.parquet")  # died mid-delete
+    outcomes = reconcile_orphans(uri, {}, {SHARD: kept, other: half}, {"unrelated"})
+    assert outcomes == {"kept": 1, "deleted": 1}
+    assert set(scan_markers(uri)) == {SHARD}
+    assert reconcile_orphans(uri, {}, {}, {"unrelated"}) == {}
 
 
 # -- commit order and atomicity ---------------------------------------------------------------

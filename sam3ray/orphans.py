@@ -1,0 +1,125 @@
+"""Orphaned shards: committed shards that no shard of the current plan owns.
+
+Why they need work: a shard's id comes from its first member's URI and its
+boundaries from ``output.shard_size``. Removing a shard's first input, or
+changing ``shard_size``, moves its other members into shards with other ids,
+so after the new shards commit, those inputs would be labelled twice. An
+orphan is also what a run over a *different* set of inputs into the same
+output leaves behind, and those labels must stay.
+
+So, after a run's shards are committed, each orphan is trimmed to the members
+that no current input claims, and deleted when none is left. The output then
+holds every input ever labelled exactly once, labelled by the latest run that
+listed it. Trimming rewrites the shard through ``ShardWriter`` (files first,
+marker last), so a crash in the middle leaves an orphan the next run trims
+again, never a half-written shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sam3ray.inputs import retry_transient
+from sam3ray.output import (
+    DETECTIONS_DIR,
+    DETECTIONS_SCHEMA,
+    Marker,
+    ShardWriter,
+    empty_detections,
+    filesystem,
+    images_relpath,
+)
+from sam3ray.output_schema import validate_table
+from sam3ray.shards import members_hash
+
+logger = logging.getLogger(__name__)
+
+_THREADS = 16  # object-store round trips dominate: overlap them
+_CLASS_DIR = re.compile(rf"^{DETECTIONS_DIR}/class_id=([^/]+)/")
+
+
+def _read(fs: Any, path: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def trim_orphan(writer: ShardWriter, marker: Marker, current_ids: set[str]) -> str:
+    """Drop the rows of inputs that a current shard owns; "kept", "trimmed" or "deleted"."""
+    fs, root = filesystem(writer.output_uri, writer.storage_options)
+    try:
+        images = _read(fs, f"{root}/{images_relpath(marker.shard_id)}")
+    except FileNotFoundError:  # only delete_shard removes it: finish that delete
+        logger.warning("orphan %s has no images file: deleting it", marker.shard_id)
+        writer.delete_shard(marker)
+        return "deleted"
+    ids = set(images.column("image_id").to_pylist())
+    claimed = ids & current_ids
+    if not claimed:
+        return "kept"
+    if claimed == ids:
+        writer.delete_shard(marker)
+        return "deleted"
+    keep = pa.array(sorted(ids - claimed))
+    parts = [empty_detections()]
+    for relpath in marker.files:
+        match = _CLASS_DIR.match(relpath)
+        if match is None:
+            continue
+        try:  # a trim that died after dropping a stale class file leaves it listed
+            part = _read(fs, f"{root}/{relpath}")
+        except FileNotFoundError:
+            continue
+        part = part.filter(pc.is_in(part.column("image_id"), value_set=keep))
+        part = part.append_column("class_id", pa.array([match.group(1)] * part.num_rows))
+        parts.append(validate_table(part, DETECTIONS_SCHEMA, what=relpath))
+    writer.write_shard(
+        marker.shard_id,
+        members_hash(keep.to_pylist()),
+        pa.concat_tables(parts),
+        images.filter(pc.is_in(images.column("image_id"), value_set=keep)),
+        marker.run_id,
+        marker,
+        marker.settings_hash,
+    )
+    return "trimmed"
+
+
+def reconcile_orphans(
+    output_uri: str,
+    storage_options: Mapping[str, Any] | None,
+    orphans: Mapping[str, Marker],
+    current_ids: Collection[str],
+) -> dict[str, int]:
+    """Trim or delete every orphan whose inputs a current shard owns; counts by outcome
+    ("kept", "trimmed", "deleted", "failed").
+
+    Call only after the current run's shards are committed: until then the
+    orphan's rows are the only labels of those inputs.
+    """
+    if not orphans:
+        return {}
+    writer = ShardWriter(output_uri, dict(storage_options or {}))
+    current = set(current_ids)
+
+    def one(marker: Marker) -> str:
+        try:  # idempotent: a retry re-reads what the last attempt left
+            return retry_transient(
+                lambda: trim_orphan(writer, marker, current), f"trimming orphan {marker.shard_id}"
+            )
+        except Exception:  # the run's labels are committed; the next run tries again
+            logger.exception("orphan %s not reconciled (duplicates remain)", marker.shard_id)
+            return "failed"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(orphans)))) as pool:
+        outcomes = Counter(pool.map(one, orphans.values()))
+    logger.info("orphaned shards in %s: %s", output_uri, dict(outcomes))
+    return dict(outcomes)
