@@ -159,8 +159,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             totals["shards"] += 1
     pipe_s = time.perf_counter() - t_pipe
     # Only now, with every current shard committed, may orphans give up their rows.
-    orphans = reconcile_orphans(
-        out_uri, out_opts, {sid: plan.markers[sid] for sid in plan.orphans}, plan.current_ids()
+    orphans = (
+        reconcile_orphans(
+            out_uri, out_opts, {sid: plan.markers[sid] for sid in plan.orphans}, plan.current_ids()
+        )
+        if plan.orphans
+        else {}
     )
     t_end = time.perf_counter()
     steady_s = last_finish - first_finish[0] if first_finish else 0.0
