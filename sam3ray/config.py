@@ -160,6 +160,12 @@ class VideoConfig(BaseModel):
     overlap_frames: int = Field(8, ge=0, description="Frames shared by neighbouring shards")
     frame_stride: int = Field(1, ge=1, description="Use every n-th frame")
     stitch_iou: float = Field(0.5, ge=0, le=1, description="Mask IoU to join tracks at overlaps")
+    feature_cache_mib: int = Field(
+        4096,
+        ge=0,
+        description="Memory per actor for keeping frames' image features during a shard, so "
+        "every concept reuses them (full SAM 3: ~220 MiB per frame); 0 = recompute per query",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> VideoConfig:

@@ -54,6 +54,7 @@ def track_spec(cfg, run_id: str, concepts, geometric) -> TrackSpec:
         conf=cfg.inference.conf,
         iou=cfg.inference.iou,
         run_id=run_id,
+        feature_cache_mib=cfg.video.feature_cache_mib,
     )
 
 

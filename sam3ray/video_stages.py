@@ -47,6 +47,7 @@ class TrackSpec:
     conf: float = 0.4
     iou: float = 0.7  # tracks of synonyms of one class repeating each other
     run_id: str = "run"
+    feature_cache_mib: int = 4096  # frames' image features kept per shard (0: off)
 
 
 def shard_exemplars(geometric, row: dict[str, Any]) -> dict[str, list[tuple[int, Exemplar]]]:
@@ -89,6 +90,7 @@ class TrackShard:
             device=s.device,
             cache_dir=s.cache_dir,
             storage_options=s.model_storage_options,
+            feature_cache_mib=s.feature_cache_mib,
         )
         type(self).loads += 1
         self.setup_s = time.perf_counter() - t0

@@ -11,14 +11,22 @@ dictionary from frames we decoded ourselves, with the same preprocessing as
 One shard is one session: every query of the concept table runs on it
 (``add_prompt`` resets the session per query), and the session is dropped in a
 ``finally`` so nothing of one shard survives into the next.
+
+The video API takes one text prompt per session, and its detector recomputes a
+frame's image features on every visit (each query, and the forward and reverse
+passes of a query prompted mid-shard). :func:`shared_image_features` keeps each
+frame's features for the length of one shard (within a memory budget), so the
+image backbone runs once per frame whatever the number of concepts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +93,76 @@ def new_inference_state(model: Any, images: Any, orig_hw: tuple[int, int]) -> di
     return state
 
 
+def _share_pos_enc(x: Any, path: str, first: dict[str, Any]) -> tuple[Any, int]:
+    """``x`` with positional encodings equal to the first frame's replaced by those
+    (they depend on the image size only), and the bytes it adds to the cache."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if "pos_enc" in path:
+            seen = first.setdefault(path, x)
+            if seen is not x and seen.shape == x.shape and torch.equal(seen, x):
+                return seen, 0
+        return x, x.numel() * x.element_size()
+    if isinstance(x, dict):
+        items = {k: _share_pos_enc(v, f"{path}.{k}", first) for k, v in x.items()}
+        return {k: v for k, (v, _) in items.items()}, sum(n for _, n in items.values())
+    if isinstance(x, (list, tuple)):
+        items = [_share_pos_enc(v, f"{path}[{i}]", first) for i, v in enumerate(x)]
+        return type(x)(v for v, _ in items), sum(n for _, n in items)
+    return x, 0
+
+
+@contextlib.contextmanager
+def shared_image_features(detector: Any, budget_bytes: int) -> Iterator[dict[str, int]]:
+    """Memoise the detector's per-frame image features for one session.
+
+    sam3's ``Sam3Image._get_img_feats`` runs ``backbone.forward_image`` on the
+    frames a call asks for when its ``backbone_out`` holds none (the video
+    case) and returns them merged into ``backbone_out`` with an ``id_mapping``.
+    Here the first visit of a frame keeps exactly those added entries; later
+    visits (other queries, the reverse pass) get them back and take sam3's own
+    "features available" branch. Only single-frame requests are cached, which is
+    what video inference makes.
+
+    Full-size SAM 3 features are large (about 435 MiB per frame in float32,
+    half of it positional encodings, which are shared across frames here), so
+    frames are cached until ``budget_bytes`` is used; later frames are computed
+    per visit as before. Yields live counters (frames, bytes, hits); the cache
+    dies with the context (one shard).
+    """
+    original = detector._get_img_feats
+    cache: dict[int, dict[str, Any]] = {}
+    first_pos: dict[str, Any] = {}
+    stats = {"frames": 0, "bytes": 0, "hits": 0}
+
+    def cached(backbone_out: dict[str, Any], img_ids: Any):
+        if "backbone_fpn" in backbone_out or img_ids.numel() != 1:
+            return original(backbone_out, img_ids)
+        frame = int(img_ids.reshape(-1)[0])
+        feats = cache.get(frame)
+        if feats is not None:
+            stats["hits"] += 1
+            return original({**backbone_out, **feats}, img_ids)
+        result = original(backbone_out, img_ids)
+        if stats["bytes"] < budget_bytes:
+            added = {k: v for k, v in result[0].items() if backbone_out.get(k) is not v}
+            feats, size = _share_pos_enc(added, "", first_pos)
+            if stats["bytes"] + size <= budget_bytes:
+                cache[frame] = feats
+                stats["frames"] += 1
+                stats["bytes"] += size
+        return result
+
+    detector._get_img_feats = cached  # instance attribute: shadows the method
+    try:
+        yield stats
+    finally:
+        del detector._get_img_feats
+        cache.clear()
+        first_pos.clear()
+
+
 def load_video_model(path: str):
     """(model on CPU, Sam3VideoArch, model_id) from a checkpoint in the official layout."""
     from sam3ray.model.loader import CheckpointError, file_sha256, read_checkpoint
@@ -114,7 +192,14 @@ def load_video_model(path: str):
 class VideoTracker:
     """SAM 3 video over one shard at a time; build once per worker."""
 
-    def __init__(self, model: Any, *, device: str = "cpu", model_id: str = "sam3-video") -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str = "cpu",
+        model_id: str = "sam3-video",
+        feature_cache_mib: int = 4096,
+    ) -> None:
         from sam3ray.model import video_compat
         from sam3ray.model.engine import resolve_device
 
@@ -123,6 +208,8 @@ class VideoTracker:
         self.model = model.to(self.device).eval()
         self.model_id = model_id
         self.image_size = int(model.image_size)
+        self.feature_cache_bytes = int(feature_cache_mib) * 2**20
+        self.last_feature_cache: dict[str, int] = {}
         self.sessions = 0
 
     @classmethod
@@ -133,12 +220,13 @@ class VideoTracker:
         device: str = "auto",
         cache_dir: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        feature_cache_mib: int = 4096,
     ) -> VideoTracker:
         from sam3ray.model.loader import resolve_checkpoint
 
         path = resolve_checkpoint(checkpoint, cache_dir=cache_dir, storage_options=storage_options)
         model, _, model_id = load_video_model(path)
-        return cls(model, device=device, model_id=model_id)
+        return cls(model, device=device, model_id=model_id, feature_cache_mib=feature_cache_mib)
 
     def track(
         self, images: Any, orig_hw: tuple[int, int], queries: list[VideoQuery]
@@ -152,8 +240,14 @@ class VideoTracker:
         out: list[TrackedDetection] = []
         state = None
         t0 = time.perf_counter()
+        shared = (
+            shared_image_features(self.model.detector, self.feature_cache_bytes)
+            if self.feature_cache_bytes > 0
+            else contextlib.nullcontext({})
+        )
         try:
-            with video_compat.video_inference(self.device):
+            with video_compat.video_inference(self.device), shared as cache_stats:
+                self.last_feature_cache = cache_stats
                 state = new_inference_state(self.model, images.to(self.device), orig_hw)
                 self.sessions += 1
                 next_track = 0

@@ -150,6 +150,38 @@ def test_tracking_stage_equals_the_official_video_model_on_one_shard(stage, clip
     assert {r["query"] for r in table} <= {'text:"blue disc"', "visual+box@4"}
 
 
+def test_image_features_are_computed_once_per_frame_for_every_query(stage, clip, monkeypatch):
+    """Two queries (a text, and a box on shard frame 4, so a forward and a reverse pass)
+    over 12 frames: with the feature cache the backbone sees each frame once; without,
+    once per visit; with a budget for a third of the frames, in between. The detections
+    are identical every time."""
+    backbone = stage.tracker.model.detector.backbone
+    original, seen = backbone.forward_image, []
+
+    def counting(images):
+        seen.append(images.shape[0])
+        return original(images)
+
+    def run(budget: int | None = None):
+        if budget is not None:
+            monkeypatch.setattr(stage.tracker, "feature_cache_bytes", budget)
+        seen.clear()
+        table = from_ipc(stage(shard.to_row())["staging_ipc"]).drop_columns(["created_at"])
+        return table, sum(seen), dict(stage.tracker.last_feature_cache)
+
+    monkeypatch.setattr(backbone, "forward_image", counting)
+    shard = clip[1][1]
+    full, n_full, cache = run()
+    assert n_full == len(shard.frames) == 12 and cache["frames"] == 12
+    plain, n_plain, _ = run(0)
+    assert n_plain >= 2 * n_full, (n_plain, n_full)
+    assert cache["hits"] == n_plain - n_full  # every later visit was served from the cache
+    part, n_part, part_cache = run(cache["bytes"] // 3)
+    assert 0 < part_cache["frames"] < 12 and n_full < n_part < n_plain
+    assert full.num_rows > 0 and full.equals(plain) and full.equals(part)
+    assert "_get_img_feats" not in vars(stage.tracker.model.detector), "shim removed"
+
+
 def test_a_session_never_outlives_its_shard(stage, clip, monkeypatch):
     import sam3ray.model.video as video
 
