@@ -18,7 +18,6 @@ again, never a half-written shard.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,37 +25,31 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sam3ray.inputs import retry_transient
 from sam3ray.output import (
-    DETECTIONS_DIR,
     DETECTIONS_SCHEMA,
     Marker,
     ShardWriter,
     empty_detections,
     filesystem,
     images_relpath,
+    owned_class_id,
 )
+from sam3ray.output_io import read_table
 from sam3ray.output_schema import validate_table
 from sam3ray.shards import members_hash
 
 logger = logging.getLogger(__name__)
 
 _THREADS = 16  # object-store round trips dominate: overlap them
-_CLASS_DIR = re.compile(rf"^{DETECTIONS_DIR}/class_id=([^/]+)/")
-
-
-def _read(fs: Any, path: str) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
 
 
 def trim_orphan(writer: ShardWriter, marker: Marker, current_ids: set[str]) -> str:
     """Drop the rows of inputs that a current shard owns; "kept", "trimmed" or "deleted"."""
     fs, root = filesystem(writer.output_uri, writer.storage_options)
     try:
-        images = _read(fs, f"{root}/{images_relpath(marker.shard_id)}")
+        images = read_table(fs, f"{root}/{images_relpath(marker.shard_id)}")
     except FileNotFoundError:  # only delete_shard removes it: finish that delete
         logger.warning("orphan %s has no images file: deleting it", marker.shard_id)
         writer.delete_shard(marker)
@@ -71,15 +64,15 @@ def trim_orphan(writer: ShardWriter, marker: Marker, current_ids: set[str]) -> s
     keep = pa.array(sorted(ids - claimed))
     parts = [empty_detections()]
     for relpath in marker.files:
-        match = _CLASS_DIR.match(relpath)
-        if match is None:
+        class_id = owned_class_id(relpath, marker.shard_id)
+        if class_id is None:
             continue
         try:  # a trim that died after dropping a stale class file leaves it listed
-            part = _read(fs, f"{root}/{relpath}")
+            part = read_table(fs, f"{root}/{relpath}")
         except FileNotFoundError:
             continue
         part = part.filter(pc.is_in(part.column("image_id"), value_set=keep))
-        part = part.append_column("class_id", pa.array([match.group(1)] * part.num_rows))
+        part = part.append_column("class_id", pa.array([class_id] * part.num_rows))
         parts.append(validate_table(part, DETECTIONS_SCHEMA, what=relpath))
     writer.write_shard(
         marker.shard_id,

@@ -80,20 +80,22 @@ def marker_relpath(shard_id: str) -> str:
     return f"{MARKERS_DIR}/{shard_id}.json"
 
 
-def _owned_by(relpath: str, shard_id: str) -> bool:
-    """True if ``relpath`` is a data file of ``shard_id`` (guards deletes driven by markers)."""
-    if relpath == images_relpath(shard_id):
-        return True
+def owned_class_id(relpath: str, shard_id: str) -> str | None:
+    """The class id if ``relpath`` is a detections file of ``shard_id``, else None."""
     m = re.fullmatch(
         rf"{DETECTIONS_DIR}/class_id=([^/]+)/part-{re.escape(shard_id)}\.parquet", relpath
     )
     if not m:
-        return False
+        return None
     try:
-        validate_class_id(m.group(1))
+        return validate_class_id(m.group(1))
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _owned_by(relpath: str, shard_id: str) -> bool:
+    """True if ``relpath`` is a data file of ``shard_id`` (guards deletes driven by markers)."""
+    return relpath == images_relpath(shard_id) or owned_class_id(relpath, shard_id) is not None
 
 
 class ShardWriter:

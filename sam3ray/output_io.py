@@ -126,6 +126,14 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def read_table(
+    fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None
+) -> pa.Table:
+    """One Parquet file through fsspec (what the writer wrote, read back whole)."""
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def remove_stale_temp_files(
     fs: fsspec.AbstractFileSystem, root: str, older_than_s: float = STALE_TMP_S
 ) -> int:

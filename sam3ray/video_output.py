@@ -29,10 +29,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sam3ray.output import ShardWriter, images_relpath, marker_relpath
-from sam3ray.output_io import atomic_write, filesystem, marker_from_bytes, parquet_bytes
+from sam3ray.output_io import (
+    atomic_write,
+    filesystem,
+    marker_from_bytes,
+    parquet_bytes,
+    read_table,
+)
 from sam3ray.output_schema import safe_name, utc_now
 from sam3ray.video_stitch import ShardTracks, provisional_track_id, stitch
 
@@ -53,11 +58,6 @@ def stitch_relpath(video_id: str) -> str:
 def write_staging(output_uri: str, opts: Mapping[str, Any] | None, shard_id: str, table) -> None:
     fs, root = filesystem(output_uri, dict(opts or {}))
     atomic_write(fs, f"{root}/{staging_relpath(shard_id)}", parquet_bytes(table))
-
-
-def _read(fs, path: str, columns: Sequence[str] | None = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=list(columns) if columns else None)
 
 
 def owned_rows(staging: pa.Table, owned: Sequence[int], shard_index: int, mapping=None) -> pa.Table:
@@ -111,7 +111,7 @@ def stitch_video(
     staging = {}
     for sid in sorted(ok):
         try:
-            staging[sid] = _read(fs, f"{root}/{staging_relpath(sid)}")
+            staging[sid] = read_table(fs, f"{root}/{staging_relpath(sid)}")
         except FileNotFoundError:
             logger.warning("video %s: staging of %s is missing: not stitched", video_id, sid)
             return {"video_id": video_id, "status": "missing_staging", "rewritten": 0}
@@ -129,7 +129,7 @@ def stitch_video(
             old.get("written_at") != marker.written_at or old.get("mapping") != digest
         ):
             det = owned_rows(staging[sid], s["owned"], s["index"], mapping)
-            img = _read(fs, f"{root}/{images_relpath(sid)}")
+            img = read_table(fs, f"{root}/{images_relpath(sid)}")
             marker = writer.write_shard(
                 sid, marker.members_hash, det, img, marker.run_id, marker, marker.settings_hash
             )
