@@ -59,41 +59,26 @@ PROMPTS = [
 # --------------------------------------------------------------------------- inputs
 
 
-def synthetic_scene(h: int, w: int, seed: int) -> np.ndarray:
-    """Deterministic RGB scene: a colour gradient with filled rectangles and ellipses."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    t = ((xx / w + yy / h) / 2)[..., None]
-    img = (1 - t) * c0 + t * c1
-    for _ in range(int(rng.integers(3, 8))):
-        colour = rng.integers(0, 256, 3)
-        if rng.random() < 0.5:
-            x0, x1 = sorted(rng.integers(0, w, 2))
-            y0, y1 = sorted(rng.integers(0, h, 2))
-            img[y0 : y1 + 1, x0 : x1 + 1] = colour
-        else:
-            cx, cy = rng.integers(0, w), rng.integers(0, h)
-            rx, ry = rng.integers(6, max(7, w // 3)), rng.integers(6, max(7, h // 3))
-            img[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = colour
-    img += rng.normal(0, 4, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 def make_images(n: int, max_side: int) -> list[np.ndarray]:
-    """n scenes of mixed sizes and aspect ratios, long side <= max_side."""
+    """n scenes of mixed sizes and aspect ratios, long side <= max_side.
+
+    Pictures from :func:`sam3ray.demo.images.synthetic_scene` (the project's one
+    scene generator: a gradient with a few rectangles and ellipses, per seed).
+    """
+    from sam3ray.demo.images import synthetic_scene
+
     rng = np.random.default_rng(1234)
     images = []
     for i in range(n):
         long = int(rng.integers(max_side // 2, max_side + 1))
         short = int(long * rng.uniform(0.5, 1.0))
         h, w = (short, long) if i % 2 == 0 else (long, short)
-        images.append(synthetic_scene(h, w, seed=i))
+        images.append(synthetic_scene(i, (h, w)))
     return images
 
 
 def make_concepts(n: int):
-    from sam3ray.types import Concept, ConceptSet
+    from sam3ray.core.types import Concept, ConceptSet
 
     texts = [PROMPTS[i] if i < len(PROMPTS) else f"object {i}" for i in range(n)]
     return ConceptSet(
@@ -172,11 +157,12 @@ def compare(
     from PIL import Image
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    from sam3ray.model.engine import EngineConfig, Sam3Engine
+    from sam3ray.config import InferenceConfig
+    from sam3ray.model.engine import Sam3Engine
 
     concepts = make_concepts(n_concepts)
     texts = [c.texts[0] for c in concepts]
-    cfg = EngineConfig(conf=args.conf, queries_per_forward=args.queries_per_forward)
+    cfg = InferenceConfig(conf=args.conf, queries_per_forward=args.queries_per_forward)
     engine = Sam3Engine(
         model,
         concepts,
@@ -338,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats must be at least 3 (the median of fewer is not robust)")
+    if args.max_side < 96:  # the scene generator needs both sides above 20 px
+        p.error("--max-side must be at least 96")
     return args
 
 

@@ -109,7 +109,7 @@ def child(config_path: str, report_path: str) -> int:
     import yaml
 
     from sam3ray.config import JobConfig
-    from sam3ray.pipeline import run_job
+    from sam3ray.runner.job import run_job
 
     t0 = time.perf_counter()
     cfg = JobConfig.model_validate(yaml.safe_load(Path(config_path).read_text()))
@@ -238,7 +238,7 @@ def main() -> int:
     small, large = runs[0], runs[-1]
     ratio = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
     ratio_sampled = large["driver_peak_rss_mb_sampled"] / small["driver_peak_rss_mb_sampled"]
-    from sam3ray.pipeline import _versions
+    from sam3ray.runner.summary import versions
 
     result = {
         "benchmark": "load",
@@ -264,7 +264,7 @@ def main() -> int:
         "driver_peak_rss_ratio_sampled": round(ratio_sampled, 3),
         "tolerance": TOLERANCE,
         "pass": bool(abs(ratio - 1) <= TOLERANCE and large["ok"] == large["inputs"]),
-        "versions": _versions(),
+        "versions": versions(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

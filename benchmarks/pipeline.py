@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from a source checkout
 logger = logging.getLogger("benchmarks.pipeline")
 
 CONCEPT_TEXTS = ["person", "car", "dog", "cat", "tree", "bicycle", "bird", "boat"]
-WRITE_CPUS = 0.25  # what pipeline.py reserves per write task
+WRITE_CPUS = 0.25  # what a commit task reserves (sam3ray.stages.commit.COMMIT_CPUS)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -71,8 +71,8 @@ def prepare_workdir(workdir: Path, n_images: int, size: int, n_concepts: int) ->
     """Images (written once, reused if present), the concept table, the tiny checkpoint."""
     from PIL import Image
 
+    from sam3ray.demo.images import synthetic_scene
     from sam3ray.model.tiny import make_tiny_checkpoint
-    from sam3ray.sample_data import synthetic_scene
 
     images = workdir / f"images-{size}"
     images.mkdir(parents=True, exist_ok=True)
@@ -106,14 +106,14 @@ def prepare_workdir(workdir: Path, n_images: int, size: int, n_concepts: int) ->
 
 
 def decode_all(uris: list[str], max_imgsz: int) -> tuple[list, list, float]:
-    """(downscaled arrays, original sizes, seconds): what decode_shard does, in one thread."""
-    from sam3ray.decode import decode_image, downscale_long_side
-    from sam3ray.inputs import read_bytes
+    """(downscaled arrays, original sizes, seconds): what the decode stage does, in one thread."""
+    from sam3ray.sources.images import decode_image, downscale_long_side
+    from sam3ray.storage.location import Location
 
     t0 = time.perf_counter()
     arrays, sizes = [], []
     for uri in uris:
-        img = decode_image(read_bytes(uri), max_pixels=178_956_970)
+        img = decode_image(Location(uri).read_bytes(), max_pixels=178_956_970)
         sizes.append(img.shape[:2])
         arrays.append(downscale_long_side(img, max_imgsz))
     return arrays, sizes, time.perf_counter() - t0
@@ -124,8 +124,9 @@ def engine_alone(
 ) -> dict[str, Any]:
     import torch
 
-    from sam3ray import EngineConfig, Sam3Engine
-    from sam3ray.prompts import load_concepts
+    from sam3ray import InferenceConfig, Sam3Engine
+    from sam3ray.sources.prompts import load_concepts
+    from sam3ray.storage.location import Location
 
     torch.set_num_threads(threads)
     arrays, sizes, _ = decoded
@@ -133,8 +134,8 @@ def engine_alone(
     t0 = time.perf_counter()
     engine = Sam3Engine.from_checkpoint(
         files["checkpoint"],
-        load_concepts(files["concepts"]),
-        EngineConfig(**engine_params(args)),
+        load_concepts(Location(files["concepts"])),
+        InferenceConfig(**engine_params(args)),
         device="cpu",
         dtype="float32",
     )
@@ -194,7 +195,7 @@ def run_pipeline(files: dict[str, Any], args: argparse.Namespace, n_actors: int,
     import ray
 
     from sam3ray.config import JobConfig
-    from sam3ray.pipeline import run_job
+    from sam3ray.runner.job import run_job
 
     if ray.is_initialized():
         ray.shutdown()  # every job measures its own Ray start

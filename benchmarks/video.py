@@ -1,6 +1,6 @@
 """Video tracking actor: throughput and memory on CPU with the tiny video model.
 
-Measures what a ``TrackShard`` (the body of a Ray video actor) does, each
+Measures what a ``TrackStage`` (the body of a Ray video actor) does, each
 measurement in a fresh subprocess so peak RSS belongs to it alone:
 
 1. frames/s per actor on one video (tracking only; decode reported apart);
@@ -9,8 +9,11 @@ measurement in a fresh subprocess so peak RSS belongs to it alone:
 3. RSS after shard 5 and after shard 50 in a row (goal: growth under 10%):
    nothing may carry over between shards.
 
-Usage: ``python benchmarks/video.py [--out benchmarks/results/video-cpu.json]``.
-No GPU numbers: the run records whether CUDA was available.
+Usage: ``python benchmarks/video.py [--dtype auto|float32|bfloat16]
+[--out benchmarks/results/video-cpu.json]``.
+``--dtype`` is ``model.dtype`` (``auto``: float32 on CPU); the JSON records it
+(``dtype``, and ``dtype_resolved`` as the model ran) so bf16 and float32 runs
+can be compared. No GPU numbers: the run records whether CUDA was available.
 """
 
 from __future__ import annotations
@@ -43,48 +46,67 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _stage(ckpt: str):
-    from sam3ray.types import Concept, ConceptSet
-    from sam3ray.video_stages import TrackShard, TrackSpec
+def _video_config(shard_frames: int, overlap: int):
+    from sam3ray.config import VideoConfig
+
+    return VideoConfig(shard_frames=shard_frames, overlap_frames=overlap, frame_stride=1)
+
+
+def _stage(ckpt: str, video: str, shard_frames: int, overlap: int, dtype: str):
+    from sam3ray.config import InferenceConfig, InputConfig, ModelConfig, ResourcesConfig
+    from sam3ray.core.types import Concept, ConceptSet
+    from sam3ray.stages.track import TrackStage
 
     concepts = ConceptSet((Concept(DISC, "disc", ("blue disc",)),))
-    stage = TrackShard(TrackSpec(ckpt, concepts, device="cpu", conf=0.0))
+    stage = TrackStage(
+        ModelConfig(checkpoint=ckpt, device="cpu", dtype=dtype),
+        InferenceConfig(conf=0.0),
+        _video_config(shard_frames, overlap),
+        InputConfig(uris=[video]),
+        ResourcesConfig(gpus_per_actor=0),
+        concepts,
+        run_id="bench",
+    )
     stage.setup()
     return stage
 
 
 def _shards(video: str, shard_frames: int, overlap: int):
-    from sam3ray.inputs import InputRef, image_id_for
-    from sam3ray.video_decode import probe_video
-    from sam3ray.video_plan import video_shards
+    from sam3ray.core.shards import InputRef
+    from sam3ray.plan.video import video_shards
+    from sam3ray.sources.video import probe_video
+    from sam3ray.storage.location import Location
 
-    ref = InputRef(video, image_id_for(video))
-    return video_shards(ref, probe_video(video), shard_frames, overlap, 1)
+    info = probe_video(Location(video))
+    return video_shards(InputRef.of(video), info, _video_config(shard_frames, overlap))
 
 
-def child(mode: str, ckpt: str, video: str, shard_frames: int, overlap: int, repeat: int) -> dict:
+def child(
+    mode: str, ckpt: str, video: str, shard_frames: int, overlap: int, repeat: int, dtype: str
+) -> dict:
     """One measurement in this (fresh) process; prints a JSON line."""
     import torch
 
-    from sam3ray.stages import from_ipc
+    from sam3ray.stages.tasks import ShardTask
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    stage = _stage(ckpt)
+    stage = _stage(ckpt, video, shard_frames, overlap, dtype)
     shards = _shards(video, shard_frames, overlap)
     rss_after_load = _rss_mb()
     frames = infer_ms = decode_ms = 0.0
     rss_trace = []
     for _ in range(repeat):
         for s in shards:
-            out = stage(s.to_row())
-            img = from_ipc(out["images_ipc"]).to_pylist()[0]
+            result = stage.process(ShardTask(s))
+            img = result.images.to_pylist()[0]
             assert img["status"] == "ok", img
-            frames += len(s.frames)
+            frames += len(s.span.frames)
             infer_ms += img["infer_ms"]
             decode_ms += img["decode_ms"]
             rss_trace.append(round(_rss_mb(), 1))
     return {
         "mode": mode,
+        "dtype": stage.tracker.dtype,
         "shards": len(shards) * repeat,
         "frames": int(frames),
         "frames_per_s": round(frames / (infer_ms / 1000), 2),
@@ -107,17 +129,23 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=48, help="frames of the short video")
     parser.add_argument("--shard-frames", type=int, default=16)
     parser.add_argument("--overlap", type=int, default=4)
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model.dtype of the video model (auto: float32 on CPU)",
+    )
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, ckpt, video, sf, ov, rep = args.child
-        print(json.dumps(child(mode, ckpt, video, int(sf), int(ov), int(rep))))
+        mode, ckpt, video, sf, ov, rep, dtype = args.child
+        print(json.dumps(child(mode, ckpt, video, int(sf), int(ov), int(rep), dtype)))
         return
 
     import torch
 
+    from sam3ray.demo.videos import write_video
     from sam3ray.model.tiny_video import make_tiny_video_checkpoint
-    from sam3ray.video_samples import write_video
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
@@ -126,19 +154,21 @@ def main() -> None:
         short = str(write_video(Path(tmp) / "short.mp4", args.frames, SIZE))
         long = str(write_video(Path(tmp) / "long.mp4", 4 * args.frames, SIZE))
         tiny = str(write_video(Path(tmp) / "tiny.mp4", 8, SIZE))
-        sf, ov = args.shard_frames, args.overlap
+        sf, ov, dtype = args.shard_frames, args.overlap, args.dtype
         logger.info("short video ...")
-        short_res = _run_child("short", ckpt, short, sf, ov, 1)
+        short_res = _run_child("short", ckpt, short, sf, ov, 1, dtype)
         logger.info("4x longer video ...")
-        long_res = _run_child("long_4x", ckpt, long, sf, ov, 1)
+        long_res = _run_child("long_4x", ckpt, long, sf, ov, 1, dtype)
         logger.info("50 shards in a row ...")
-        many = _run_child("50_shards", ckpt, tiny, 8, 0, 50)
+        many = _run_child("50_shards", ckpt, tiny, 8, 0, 50, dtype)
     peak_ratio = long_res["peak_rss_mb"] / short_res["peak_rss_mb"]
     trace = many["rss_trace_mb"]
     growth = trace[-1] / trace[4]
     result = {
-        "benchmark": "video tracking actor (TrackShard), tiny SAM 3 video model, CPU",
+        "benchmark": "video tracking actor (TrackStage), tiny SAM 3 video model, CPU",
         "model": "tiny random-weight video model (336 px, 8 queries, hotstart off), 1 concept",
+        "dtype": args.dtype,
+        "dtype_resolved": short_res["dtype"],
         "video": f"moving shapes {SIZE[1]}x{SIZE[0]} H.264, shards of {sf} frames, overlap {ov}",
         "frames_per_s_per_actor": short_res["frames_per_s"],
         "frames_per_s_per_actor_long": long_res["frames_per_s"],

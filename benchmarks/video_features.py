@@ -3,7 +3,7 @@
 sam3's video API takes one text prompt per session, so a shard with K concepts
 is K passes over its frames, and sam3 recomputes a frame's image features on
 every visit. ``video.feature_cache_mib`` (``model.video.shared_image_features``)
-keeps them for the shard. This runs the same ``TrackShard`` on the same shards
+keeps them for the shard. This runs the same ``TrackStage`` on the same shards
 with sharing on and off, alternating in one process (so both see the same
 machine), at 1 and 5 concepts, and reports frames/s, backbone frames per shard
 frame, the speed-up, and whether the detections are identical.
@@ -12,8 +12,11 @@ With ``--full-size`` it also sizes one frame's features for the full SAM 3
 video architecture (random weights, on CPU), which is what ``video.feature_cache_mib``
 must hold per cached frame on a GPU.
 
-Usage: ``python benchmarks/video_features.py [--full-size] [--out FILE.json]``
-(default ``benchmarks/results/video-features-cpu.json``).
+Usage: ``python benchmarks/video_features.py [--full-size] [--dtype auto|float32|bfloat16]
+[--out FILE.json]`` (default ``benchmarks/results/video-features-cpu.json``).
+``--dtype`` is ``model.dtype`` of the tiny model's runs (``auto``: float32 on CPU);
+the JSON records it (``dtype``, and ``dtype_resolved`` as the model ran) so bf16
+and float32 runs can be compared.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ SIZE = (144, 192)
 
 
 def _concepts(k: int):
-    from sam3ray.types import Concept, ConceptSet
+    from sam3ray.core.types import Concept, ConceptSet
 
     return ConceptSet(
         tuple(
@@ -46,7 +49,7 @@ def _concepts(k: int):
 
 def _run(stage, shards, share: bool) -> tuple[float, int, int, list]:
     """(seconds, shard frames, backbone frames, detections) of one pass over ``shards``."""
-    from sam3ray.stages import from_ipc
+    from sam3ray.stages.tasks import ShardTask
 
     backbone = stage.tracker.model.detector.backbone
     original, seen = backbone.forward_image, []
@@ -59,15 +62,17 @@ def _run(stage, shards, share: bool) -> tuple[float, int, int, list]:
     backbone.forward_image = counting
     try:
         t0 = time.perf_counter()
-        outs = [stage(s.to_row()) for s in shards]
+        outs = [stage.process(ShardTask(s)) for s in shards]
         seconds = time.perf_counter() - t0
     finally:
         del backbone.forward_image
     dets = []
     for out in outs:
-        table = from_ipc(out["staging_ipc"]).drop_columns(["created_at"])
+        status = out.images.column("status").to_pylist()
+        assert status == ["ok"], out.images.to_pylist()  # never time an error path
+        table = out.staging.drop_columns(["created_at"])
         dets.extend(table.to_pylist())
-    return seconds, sum(len(s.frames) for s in shards), sum(seen), dets
+    return seconds, sum(len(s.span.frames) for s in shards), sum(seen), dets
 
 
 def full_size_features_mib() -> dict[str, float]:
@@ -115,29 +120,53 @@ def main() -> None:
     parser.add_argument(
         "--full-size", action="store_true", help="also size full SAM 3 features (~1 min, 4 GB)"
     )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model.dtype of the tiny video model (auto: float32 on CPU)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
 
-    from sam3ray.inputs import InputRef, image_id_for
+    from sam3ray.config import (
+        InferenceConfig,
+        InputConfig,
+        ModelConfig,
+        ResourcesConfig,
+        VideoConfig,
+    )
+    from sam3ray.core.shards import InputRef
+    from sam3ray.demo.videos import write_video
     from sam3ray.model.tiny_video import make_tiny_video_checkpoint
-    from sam3ray.video_decode import probe_video
-    from sam3ray.video_plan import video_shards
-    from sam3ray.video_samples import write_video
-    from sam3ray.video_stages import TrackShard, TrackSpec
+    from sam3ray.plan.video import video_shards
+    from sam3ray.sources.video import probe_video
+    from sam3ray.stages.track import TrackStage
+    from sam3ray.storage.location import Location
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     t_start = time.perf_counter()
     rows = []
+    dtype_resolved = None
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(make_tiny_video_checkpoint(Path(tmp) / "tiny-video.pt"))
         video = str(write_video(Path(tmp) / "clip.mp4", args.frames, SIZE))
-        ref = InputRef(video, image_id_for(video))
-        shards = video_shards(ref, probe_video(video), args.shard_frames, 0, 1)
+        video_cfg = VideoConfig(shard_frames=args.shard_frames, overlap_frames=0, frame_stride=1)
+        shards = video_shards(InputRef.of(video), probe_video(Location(video)), video_cfg)
         for k in (1, 5):
-            stage = TrackShard(TrackSpec(ckpt, _concepts(k), device="cpu", conf=0.0))
+            stage = TrackStage(
+                ModelConfig(checkpoint=ckpt, device="cpu", dtype=args.dtype),
+                InferenceConfig(conf=0.0),
+                video_cfg,
+                InputConfig(uris=[video]),
+                ResourcesConfig(gpus_per_actor=0),
+                _concepts(k),
+                run_id="bench",
+            )
             stage.setup()
+            dtype_resolved = stage.tracker.dtype
             _run(stage, shards[:1], True)  # warm-up: first-call allocations
             times = {True: 0.0, False: 0.0}
             calls, frames, same = {}, 0, True
@@ -165,6 +194,8 @@ def main() -> None:
         "benchmark": "video actor: shared image features vs recomputed per visit (tiny, CPU)",
         "video": f"moving shapes {SIZE[1]}x{SIZE[0]}, {args.frames} frames, "
         f"shards of {args.shard_frames}",
+        "dtype": args.dtype,
+        "dtype_resolved": dtype_resolved,
         "rows": rows,
         "full_size_features_float32": full_size_features_mib() if args.full_size else None,
         "cuda_available": torch.cuda.is_available(),

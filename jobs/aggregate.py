@@ -18,10 +18,11 @@ import argparse
 import logging
 import sys
 
-from sam3ray.analytics.cli import storage_options
 from sam3ray.analytics.coco import export_coco
 from sam3ray.analytics.labelstudio import export_labelstudio
 from sam3ray.analytics.stats import compute_stats
+from sam3ray.cli.analytics import storage_options
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger("sam3ray.jobs.aggregate")
 
@@ -41,24 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     opts = storage_options(args.storage_option)
-    out_dir = (args.out_dir or f"{args.output.rstrip('/')}/exports").rstrip("/")
+    output = Location(args.output, opts)
+    out_dir = Location(args.out_dir, opts) if args.out_dir else output.child("exports")
     try:
-        stats = compute_stats(args.output, opts)
+        stats = compute_stats(output)
     except FileNotFoundError as exc:
         logger.error("%s", exc)
         return 2
     total = sum(stats.concepts.column("detections").to_pylist())
     logger.info("%d concepts, %d detections, %d runs", stats.concepts.num_rows, total,
                 stats.runs.num_rows)  # fmt: skip
-    export_coco(args.output, f"{out_dir}/coco.json", opts, min_score=args.min_score,
-                results_path=f"{out_dir}/coco_results.json")  # fmt: skip
-    export_labelstudio(args.output, f"{out_dir}/labelstudio.json", opts,
+    export_coco(output, out_dir.child("coco.json"), min_score=args.min_score,
+                results=out_dir.child("coco_results.json"))  # fmt: skip
+    export_labelstudio(output, out_dir.child("labelstudio.json"),
                        fmt=args.labelstudio_format, min_score=args.min_score)  # fmt: skip
     if args.preview:
         from sam3ray.analytics.preview import render_preview
 
-        render_preview(args.output, f"{out_dir}/preview", opts, per_concept=args.per_concept)
-    logger.info("aggregate done: %s", out_dir)
+        render_preview(output, out_dir.child("preview"), per_concept=args.per_concept)
+    logger.info("aggregate done: %s", out_dir.uri)
     return 0
 
 

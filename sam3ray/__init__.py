@@ -2,14 +2,16 @@
 
 The public Python API is small and stable:
 
+- :func:`run_job` / :class:`JobConfig` (+ ``load_config``) — a whole job, as ``sam3ray run``.
 - :func:`load_sam3_image_model` — the official ``sam3`` image model (a ``Sam3Image``)
   with weights from a local path, an object-store URI or the hub id ``facebook/sam3``.
-- :class:`Sam3Engine` — concept-grouped batched inference over that model.
-- :class:`EngineConfig`, :class:`Detection`, :class:`Concept`, :class:`ConceptSet`,
-  :class:`Exemplar` — its inputs and outputs.
+- :class:`Sam3Engine` — concept-grouped batched inference over that model, configured
+  by the job's :class:`InferenceConfig` section.
+- :class:`Detection`, :class:`Concept`, :class:`ConceptSet`, :class:`Exemplar` — its
+  inputs and outputs.
 - :func:`make_tiny_checkpoint` — a tiny random-weight SAM 3 for tests and demos.
 
-Heavy modules (torch, sam3) load on first use, so ``import sam3ray`` stays cheap
+Heavy modules (torch, sam3, ray) load on first use, so ``import sam3ray`` stays cheap
 for drivers and CLIs.
 """
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sam3ray.types import Concept, ConceptSet, Exemplar
+from sam3ray.config import InferenceConfig, JobConfig, ModelConfig, load_config
+from sam3ray.core.types import Concept, ConceptSet, Detection, Exemplar
 
 __version__ = "0.1.0"
 
@@ -25,22 +28,26 @@ __all__ = [
     "Concept",
     "ConceptSet",
     "Detection",
-    "EngineConfig",
     "Exemplar",
+    "InferenceConfig",
+    "JobConfig",
+    "ModelConfig",
     "Sam3Engine",
+    "load_config",
     "load_sam3_image_model",
     "make_tiny_checkpoint",
+    "run_job",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sam3ray.model.engine import Detection, EngineConfig, Sam3Engine
+    from sam3ray.model.engine import Sam3Engine
     from sam3ray.model.tiny import make_tiny_checkpoint
+    from sam3ray.runner.job import run_job
 
 _LAZY = {
     "Sam3Engine": "sam3ray.model.engine",
-    "EngineConfig": "sam3ray.model.engine",
-    "Detection": "sam3ray.model.engine",
     "make_tiny_checkpoint": "sam3ray.model.tiny",
+    "run_job": "sam3ray.runner.job",
 }
 
 
@@ -59,8 +66,9 @@ def load_sam3_image_model(
     """
     from sam3ray.model.engine import resolve_device
     from sam3ray.model.loader import load_checkpoint_into_new_model, resolve_checkpoint
+    from sam3ray.storage.location import Location
 
-    path = resolve_checkpoint(checkpoint, cache_dir=cache_dir, storage_options=storage_options)
+    path = resolve_checkpoint(Location(checkpoint, storage_options or {}), cache_dir=cache_dir)
     model, _ = load_checkpoint_into_new_model(path)
     return model.to(resolve_device(device))
 

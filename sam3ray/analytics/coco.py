@@ -37,6 +37,7 @@ from sam3ray.analytics import (
     select_categories,
     stream,
 )
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -122,23 +123,21 @@ def _write_list(f: IO[str], first: bool, item: Any) -> None:
 
 
 def export_coco(
-    output_uri: str,
-    out: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
+    out: Location,
     *,
     concepts: Sequence[str] | None = None,
     min_score: float | None = None,
-    results_path: str | None = None,
+    results: Location | None = None,
 ) -> CocoExport:
     """Write ``out`` (COCO instances JSON) and optionally ``results_path`` (loadRes list).
 
     ``concepts``: names or class UUIDs to keep (default all); ``min_score``:
-    drop detections scoring below it. Both files go through fsspec with the
-    same ``storage_options`` as the output.
+    drop detections scoring below it. Both files go through fsspec.
     """
-    cats = select_categories(categories(output_uri, storage_options), concepts)
+    cats = select_categories(categories(output), concepts)
     by_class = {c.class_id: c.id for c in cats}
-    con = connect(output_uri, storage_options)
+    con = connect(output)
     n_images = n_ann = 0
     try:
         con.execute(_IMAGES_SQL)
@@ -147,28 +146,27 @@ def export_coco(
             "WHERE video_id IS NOT NULL ORDER BY 1"
         ).fetchall()
         header = {
-            "info": {"description": f"sam3ray labels of {output_uri}", "version": "1.0",
+            "info": {"description": f"sam3ray labels of {output.uri}", "version": "1.0",
                      "date_created": datetime.now(timezone.utc).isoformat()},
             "licenses": [],
             "categories": [{"id": c.id, "name": c.name, "supercategory": "concept",
                             "class_id": c.class_id} for c in cats],
             "videos": [{"id": v, "sam3ray_image_id": i, "uri": u} for v, i, u in videos],
         }  # fmt: skip
-        with open_output(out, storage_options) as f:
+        with open_output(out) as f:
             f.write(json.dumps(header)[:-1] + ',\n"images":[')
             for row in stream(con, "SELECT * FROM coco_images ORDER BY id"):
                 _write_list(f, n_images == 0, _image_entry(row))
                 n_images += 1
             f.write('\n],\n"annotations":[')
             if cats:
-                n_ann = _write_annotations(con, f, by_class, min_score, results_path,
-                                           storage_options)  # fmt: skip
+                n_ann = _write_annotations(con, f, by_class, min_score, results)
             f.write("\n]}\n")
     finally:
         con.close()
     logger.info("COCO: %d images, %d annotations, %d categories -> %s",
-                n_images, n_ann, len(cats), out)  # fmt: skip
-    return CocoExport(out, n_images, n_ann, len(cats), results_path)
+                n_images, n_ann, len(cats), out.uri)  # fmt: skip
+    return CocoExport(out.uri, n_images, n_ann, len(cats), results.uri if results else None)
 
 
 def _write_annotations(
@@ -176,8 +174,7 @@ def _write_annotations(
     f: IO[str],
     by_class: Mapping[str, int],
     min_score: float | None,
-    results_path: str | None,
-    storage_options: Mapping[str, Any] | None,
+    results: Location | None,
 ) -> int:
     """Stream annotations into ``f`` (and the results file): one query per category, each
     sorted by image id then score, so a sort never spans more than one concept's rows.
@@ -185,11 +182,7 @@ def _write_annotations(
     floor = float(min_score) if min_score is not None else float("-inf")
     n = 0
     with contextlib.ExitStack() as stack:
-        res = (
-            stack.enter_context(open_output(results_path, storage_options))
-            if results_path
-            else None
-        )
+        res = stack.enter_context(open_output(results)) if results is not None else None
         if res is not None:
             res.write("[")
         for class_id, category_id in sorted(by_class.items(), key=lambda kv: kv[1]):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -42,7 +42,8 @@ from sam3ray.analytics import (
     sql_list,
     stream,
 )
-from sam3ray.masks import decode_rle, mask_to_polygons
+from sam3ray.core.masks import decode_rle, mask_to_polygons
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +195,8 @@ class LabelStudioExport:
 
 
 def export_labelstudio(
-    output_uri: str,
-    out: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
+    out: Location,
     *,
     fmt: str = "rle",
     concepts: Sequence[str] | None = None,
@@ -208,10 +208,10 @@ def export_labelstudio(
     predictions) as a JSON list; ``fmt`` is ``rle`` (brush) or ``polygon``."""
     if fmt not in ("rle", "polygon"):
         raise ValueError(f"format {fmt!r}: expected 'rle' or 'polygon'")
-    cats = select_categories(categories(output_uri, storage_options), concepts)
+    cats = select_categories(categories(output), concepts)
     names = {c.class_id: c.name for c in cats}
     floor = float(min_score) if min_score is not None else float("-inf")
-    con = connect(output_uri, storage_options)
+    con = connect(output)
     n_tasks = n_results = 0
     try:
         (video,) = con.execute("SELECT count(*) FROM det WHERE frame_index IS NOT NULL").fetchall()
@@ -220,7 +220,7 @@ def export_labelstudio(
                 "%d video detections left out (Label Studio video tasks differ)", video[0]
             )
         sql = _TASKS_SQL.format(classes=sql_list(sorted(names) or [""]))
-        with open_output(out, storage_options) as f:
+        with open_output(out) as f:
             f.write("[")
             task: dict[str, Any] | None = None
             for row in stream(con, sql, [floor]):
@@ -238,8 +238,8 @@ def export_labelstudio(
             f.write("\n]\n")
     finally:
         con.close()
-    logger.info("Label Studio: %d tasks, %d results -> %s", n_tasks, n_results, out)
-    return LabelStudioExport(out, n_tasks, n_results)
+    logger.info("Label Studio: %d tasks, %d results -> %s", n_tasks, n_results, out.uri)
+    return LabelStudioExport(out.uri, n_tasks, n_results)
 
 
 def _flush(f: Any, task: dict[str, Any] | None, index: int) -> int:

@@ -7,8 +7,8 @@ disk, attached to a ticket or copied to a bucket next to the output.
 
 Samples are chosen per concept by a hash of (image, concept), so reruns show
 the same images and the choice is not biased to high scores. Images are read
-through ``sam3ray.inputs.read_bytes`` (retries, object stores) and decoded by
-``sam3ray.decode.decode_image`` (EXIF orientation, as the masks were made).
+through ``Location.read_bytes`` (retries, object stores) and decoded by
+``sam3ray.sources.images.decode_image`` (EXIF orientation, as the masks were made).
 Video detections are not rendered (frames need a video decoder).
 An inline script marks ``<body data-images-loaded="ok/total">`` once every
 image has loaded, which is what the browser test reads.
@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sam3ray.analytics import categories, connect, select_categories, sql_list, stream, write_file
 from sam3ray.analytics.stats import concept_stats
-from sam3ray.decode import decode_image
-from sam3ray.inputs import read_bytes
-from sam3ray.masks import decode_rle
+from sam3ray.core.masks import decode_rle
+from sam3ray.sources.images import decode_image
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ def render_thumbnail(
 
 
 def render_preview(
-    output_uri: str,
-    out_dir: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
+    out_dir: Location,
     *,
     per_concept: int = 6,
     max_side: int = 512,
@@ -140,11 +139,10 @@ def render_preview(
     (highest scores). An image that cannot be read or decoded is logged and left
     out (the page says how many), so one missing object never costs the gallery.
     """
-    out_dir = out_dir.rstrip("/")
-    cats = select_categories(categories(output_uri, storage_options), concepts)
-    con = connect(output_uri, storage_options)
+    cats = select_categories(categories(output), concepts)
+    con = connect(output)
     try:
-        table = concept_stats(output_uri, storage_options, con=con)
+        table = concept_stats(output, con=con)
         numbers = {r["class_id"]: r for r in table.to_pylist()}
         hist: dict[str, list[int]] = {c.class_id: [0] * _BINS for c in cats}
         for cid, b, n in con.execute(
@@ -172,24 +170,23 @@ def render_preview(
     for image_id, per_class in by_image.items():  # decode each image once, keep one at a time
         uri = per_class[0][1][0]["uri"]
         try:
-            image = decode_image(read_bytes(uri, storage_options), max_pixels=max_pixels)
+            image = decode_image(output.with_uri(uri).read_bytes(), max_pixels=max_pixels)
         except Exception as exc:  # one unreadable image must not cost the gallery
             logger.warning("preview: cannot read %s: %s", uri, exc)
             failed += 1
             continue
         for cid, dets in per_class:
             rel = f"thumbs/{cid}/{image_id}.jpg"
-            figures[cid].append(_thumbnail(image, dets, names[cid], max_side, out_dir, rel,
-                                           storage_options))  # fmt: skip
+            figures[cid].append(_thumbnail(image, dets, names[cid], max_side, out_dir, rel))
     for k, cat in enumerate(cats):
         png = histogram_png(hist[cat.class_id], PALETTE[k % len(PALETTE)])
-        write_file(f"{out_dir}/hist/{cat.class_id}.png", png, storage_options)
-    html = _page(output_uri, cats, numbers, figures, failed)
-    index = f"{out_dir}/index.html"
-    write_file(index, html.encode("utf-8"), storage_options)
+        write_file(out_dir.child(f"hist/{cat.class_id}.png"), png)
+    html = _page(output.uri, cats, numbers, figures, failed)
+    index = out_dir.child("index.html")
+    write_file(index, html.encode("utf-8"))
     n_thumbs = sum(len(v) for v in figures.values())
-    logger.info("preview: %d thumbnails (%d unreadable) -> %s", n_thumbs, failed, index)
-    return Preview(index, n_thumbs, failed)
+    logger.info("preview: %d thumbnails (%d unreadable) -> %s", n_thumbs, failed, index.uri)
+    return Preview(index.uri, n_thumbs, failed)
 
 
 def _thumbnail(
@@ -197,15 +194,14 @@ def _thumbnail(
     dets: Sequence[Mapping[str, Any]],
     name: str,
     max_side: int,
-    out_dir: str,
+    out_dir: Location,
     rel: str,
-    storage_options: Mapping[str, Any] | None,
 ) -> str:
     """Render and write one thumbnail; return its <figure>."""
     thumb = render_thumbnail(image, dets, name, max_side)
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=85)
-    write_file(f"{out_dir}/{rel}", buf.getvalue(), storage_options)
+    write_file(out_dir.child(rel), buf.getvalue())
     first = dets[0]
     caption = (
         f"{escape(first['uri'].rsplit('/', 1)[-1])} · {first['n']} det · best {first['best']:.2f}"

@@ -4,7 +4,7 @@ Why DuckDB over file-by-file streams: the numbers (distinct images per
 concept, exact score percentiles) need hash tables and sorts over every
 detection; DuckDB computes them from a stream of the three columns involved,
 one concept at a time, so the driver never holds the dataset (measured in
-``tests/unit/test_analytics_stats.py`` on a million rows). The
+``tests/unit/analytics/test_stats.py`` on a million rows). The
 result is small and is written next to the output as ``stats/concepts.parquet``
 and ``stats/runs.parquet`` (dashboards and later jobs read those, not the CLI's
 table).
@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sam3ray.analytics import categories, connect, read_runs, scan, write_file
-from sam3ray.output import detections_dataset, images_dataset
-from sam3ray.output_io import parquet_bytes
+from sam3ray.output.layout import STATS_DIR, stats_path
+from sam3ray.output.parquet import parquet_bytes
+from sam3ray.output.readers import detections_dataset, images_dataset
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
-STATS_DIR = "stats"
 QUANTILES = (0.1, 0.5, 0.9)
 
 CONCEPT_STATS_SCHEMA = pa.schema(
@@ -70,8 +71,7 @@ class Stats:
 
 
 def concept_stats(
-    output_uri: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
     *,
     approx: bool = False,
     con: Any = None,
@@ -86,10 +86,10 @@ def concept_stats(
     ``approx_quantile`` and HyperLogLog distinct counts: constant memory).
     """
     own = con is None
-    con = con or connect(output_uri, storage_options, threads=1)
+    con = con or connect(output, threads=1)
     try:
-        dataset = detections_dataset(output_uri, storage_options)
-        cats = categories(output_uri, storage_options, runs)
+        dataset = detections_dataset(output)
+        cats = categories(output, runs)
         out: dict[str, list[Any]] = {name: [] for name in CONCEPT_STATS_SCHEMA.names}
         for cat in cats:
             values = _one_concept(con, dataset, cat.class_id, approx)
@@ -119,8 +119,7 @@ def _one_concept(con: Any, dataset: Any, class_id: str, approx: bool) -> list[An
 
 
 def run_stats(
-    output_uri: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
     *,
     con: Any = None,
     runs: Sequence[Mapping[str, Any]] | None = None,
@@ -129,10 +128,10 @@ def run_stats(
     overwrite re-owns what it redid), errors by ``error_reason``, and the run
     summary's status and throughput. Runs with a summary but no rows left show zeros."""
     own = con is None
-    con = con or connect(output_uri, storage_options, threads=1)
-    runs = read_runs(output_uri, storage_options) if runs is None else runs
+    con = con or connect(output, threads=1)
+    runs = read_runs(output) if runs is None else runs
     columns = ["run_id", "status", "error_reason", "n_detections"]
-    con.register("image_rows", scan(images_dataset(output_uri, storage_options), columns))
+    con.register("image_rows", scan(images_dataset(output), columns))
     try:
         groups = con.execute(
             "SELECT run_id, status, coalesce(error_reason, 'unknown'), count(*), "
@@ -167,8 +166,7 @@ def run_stats(
 
 
 def compute_stats(
-    output_uri: str,
-    storage_options: Mapping[str, Any] | None = None,
+    output: Location,
     *,
     approx: bool = False,
     write: bool = True,
@@ -178,23 +176,26 @@ def compute_stats(
     DuckDB runs on one thread here: its input is one sequential stream, and a
     second thread mostly adds buffers (about +60% driver memory for no speed-up).
     """
-    con = connect(output_uri, storage_options, threads=1)
+    con = connect(output, threads=1)
     try:
-        runs = read_runs(output_uri, storage_options)
-        concepts = concept_stats(output_uri, storage_options, approx=approx, con=con, runs=runs)
-        run_table = run_stats(output_uri, storage_options, con=con, runs=runs)
+        runs = read_runs(output)
+        concepts = concept_stats(output, approx=approx, con=con, runs=runs)
+        run_table = run_stats(output, con=con, runs=runs)
     finally:
         con.close()
     if not write:
         return Stats(concepts, run_table)
-    base = f"{output_uri.rstrip('/')}/{STATS_DIR}"
-    uris = (f"{base}/concepts.parquet", f"{base}/runs.parquet")
-    for uri, table in zip(uris, (concepts, run_table), strict=True):
-        write_file(uri, parquet_bytes(table, {"sam3ray.stats_of": output_uri}), storage_options)
+    dests = (output.child(stats_path("concepts")), output.child(stats_path("runs")))
+    for dest, table in zip(dests, (concepts, run_table), strict=True):
+        write_file(dest, parquet_bytes(table, {"sam3ray.stats_of": output.uri}))
     logger.info(
-        "stats of %d concepts and %d runs written to %s", len(concepts), len(run_table), base
+        "stats of %d concepts and %d runs written to %s/%s",
+        len(concepts),
+        len(run_table),
+        output.uri.rstrip("/"),
+        STATS_DIR,
     )
-    return Stats(concepts, run_table, *uris)
+    return Stats(concepts, run_table, *(d.uri for d in dests))
 
 
 def _cell(value: Any) -> str:

@@ -22,42 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from sam3ray.masks import encode_rle_fortran
+from sam3ray.config.schema import InferenceConfig, ModelConfig
+from sam3ray.core.masks import encode_rle_fortran
+from sam3ray.core.types import ConceptSet, Detection, ImageExemplars
 from sam3ray.model.queries import Query, build_queries, validate_images
-from sam3ray.types import ConceptSet, ImageExemplars
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Post-processing and packing knobs (same names as ``inference.*`` in the job config)."""
-
-    conf: float = 0.4
-    iou: float = 0.7
-    nms: bool = True
-    max_det: int = 300
-    max_imgsz: int = 1036
-    queries_per_forward: int = 64
-    #: On CPU the grounding forward is memory-bound: packs beyond ~8 queries spill the
-    #: caches and run slower (tiny model, 8 images × 10 concepts: 64 → 2.6 s, 8 → 2.0 s).
-    cpu_queries_per_forward: int = 8
-    #: Upper bound on float32 mask pixels upsampled at once (memory cap for huge images).
-    mask_pixels_per_step: int = 64_000_000
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One instance in original-image pixels."""
-
-    class_id: str
-    concept: str
-    query: str
-    score: float
-    box: tuple[float, float, float, float]
-    mask_rle: bytes
-    mask_size: tuple[int, int]
-    area: int
+#: On CPU the grounding forward is memory-bound: packs beyond ~8 queries spill the
+#: caches and run slower (tiny model, 8 images × 10 concepts: 64 → 2.6 s, 8 → 2.0 s).
+CPU_QUERIES_PER_FORWARD = 8
+#: Upper bound on float32 mask pixels upsampled at once (memory cap for huge images).
+MASK_PIXELS_PER_STEP = 64_000_000
+_MODEL_DEFAULTS = ModelConfig.model_fields
 
 
 @dataclass
@@ -97,6 +76,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``model.dtype`` on a resolved device: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
 class Sam3Engine:
     """Batched SAM 3 image inference over a fixed concept set.
 
@@ -108,10 +94,10 @@ class Sam3Engine:
         self,
         model: Any,
         concepts: ConceptSet,
-        config: EngineConfig | None = None,
+        inference: InferenceConfig | None = None,
         *,
-        device: str = "cpu",
-        dtype: str = "float32",
+        device: str = _MODEL_DEFAULTS["device"].default,
+        dtype: str = _MODEL_DEFAULTS["dtype"].default,
         resolution: int | None = None,
         model_id: str = "sam3",
     ) -> None:
@@ -122,12 +108,12 @@ class Sam3Engine:
             raise ValueError("the concept set is empty: give at least one concept")
         self.model = model
         self.concepts = concepts
-        self.config = config or EngineConfig()
+        self.config = inference or InferenceConfig()
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model_id = model_id
         self.resolution = resolution or _model_resolution(model)
-        # bf16 autocast only on CUDA: on CPU it is slower and sam3 mixes dtypes there.
-        self._autocast = self.device == "cuda" and dtype == "bfloat16"
+        self._autocast = self.dtype == "bfloat16"
         self.stats = EngineStats()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._transform = v2.Compose(  # identical to Sam3Processor's
@@ -143,24 +129,24 @@ class Sam3Engine:
     @classmethod
     def from_checkpoint(
         cls,
-        checkpoint: str,
+        checkpoint: str | Location,
         concepts: ConceptSet,
-        config: EngineConfig | None = None,
+        inference: InferenceConfig | None = None,
         *,
-        device: str = "auto",
-        dtype: str = "float32",
-        compile: bool = False,
+        device: str = _MODEL_DEFAULTS["device"].default,
+        dtype: str = _MODEL_DEFAULTS["dtype"].default,
+        compile: bool = _MODEL_DEFAULTS["compile"].default,
         cache_dir: str | None = None,
-        storage_options: dict[str, Any] | None = None,
     ) -> Sam3Engine:
+        """Load a checkpoint (path, ``Location`` with storage options, or hub id)."""
         from sam3ray.model.loader import load_checkpoint_into_new_model, resolve_checkpoint
 
-        path = resolve_checkpoint(checkpoint, cache_dir=cache_dir, storage_options=storage_options)
+        path = resolve_checkpoint(checkpoint, cache_dir=cache_dir)
         model, info = load_checkpoint_into_new_model(path)
         engine = cls(
             model,
             concepts,
-            config,
+            inference,
             device=device,
             dtype=dtype,
             resolution=info.arch.resolution,
@@ -169,6 +155,29 @@ class Sam3Engine:
         if compile:
             engine.compile()
         return engine
+
+    @classmethod
+    def from_config(
+        cls,
+        model: ModelConfig,
+        concepts: ConceptSet,
+        inference: InferenceConfig,
+        checkpoint: Location | None = None,
+    ) -> Sam3Engine:
+        """The engine a job's ``model`` and ``inference`` sections describe.
+
+        ``checkpoint`` carries the storage options (``JobConfig.checkpoint_location``);
+        by default the model section's own.
+        """
+        return cls.from_checkpoint(
+            checkpoint or Location(model.checkpoint, model.storage_options),
+            concepts,
+            inference,
+            device=model.device,
+            dtype=model.dtype,
+            compile=model.compile,
+            cache_dir=model.cache_dir,
+        )
 
     def compile(self) -> None:
         """torch.compile the vision backbone (fixed input shape; the dominant cost)."""
@@ -218,13 +227,13 @@ class Sam3Engine:
         import torch
 
         if self._autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _preprocess(self, images: Sequence[np.ndarray]):
         import torch
 
-        from sam3ray.decode import downscale_long_side
+        from sam3ray.sources.images import downscale_long_side
 
         batch = []
         for img in images:
@@ -296,7 +305,7 @@ class Sam3Engine:
     def _pack_size(self) -> int:
         cap = self.config.queries_per_forward
         if self.device == "cpu":
-            cap = min(cap, self.config.cpu_queries_per_forward)
+            cap = min(cap, CPU_QUERIES_PER_FORWARD)
         return max(1, cap)
 
     def _threshold(self, class_id: str) -> float:
@@ -331,7 +340,7 @@ class Sam3Engine:
                 keep.extend(idx)
         keep.sort(key=lambda i: (-cands[i].score, i))
         keep = keep[: self.config.max_det]
-        step = max(1, self.config.mask_pixels_per_step // max(1, h * w))
+        step = max(1, MASK_PIXELS_PER_STEP // max(1, h * w))
         encoded: list[tuple[bytes, int]] = []
         for s in range(0, len(keep), step):
             low = torch.stack([cands[i].mask_logits for i in keep[s : s + step]]).float()

@@ -14,12 +14,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sam3ray.model.arch import Sam3Arch
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -45,28 +45,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SAM3RAY_CACHE", Path.home() / ".cache" / "sam3ray"))
 
 
-def _has_scheme(uri: str) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri) is not None and not uri.startswith(
-        "file://"
-    )
-
-
 def resolve_checkpoint(
-    checkpoint: str,
-    cache_dir: str | os.PathLike | None = None,
-    storage_options: dict[str, Any] | None = None,
+    checkpoint: str | Location, cache_dir: str | os.PathLike | None = None
 ) -> str:
-    """Return a local file path for ``checkpoint``, downloading it at most once per node."""
-    if checkpoint == HUB_ID or checkpoint.startswith("hf://"):
-        return _from_hub(checkpoint)
-    if checkpoint.startswith("file://"):
-        checkpoint = checkpoint[len("file://") :]
-    if not _has_scheme(checkpoint):
-        path = Path(checkpoint).expanduser()
+    """Return a local file path for ``checkpoint``, downloading it at most once per node.
+
+    A plain string is read without storage options; pass a ``Location`` to give them.
+    """
+    loc = checkpoint if isinstance(checkpoint, Location) else Location(checkpoint)
+    uri = loc.uri
+    if uri == HUB_ID or uri.startswith("hf://"):
+        return _from_hub(uri)
+    if loc.is_local:
+        path = Path(loc.path)
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {checkpoint}: no such file")
-        return str(path)
-    return _from_object_store(checkpoint, Path(cache_dir or default_cache_dir()), storage_options)
+            raise CheckpointError(f"checkpoint {uri}: no such file")
+        return str(Path(uri.removeprefix("file://")).expanduser())
+    return _from_object_store(loc, Path(cache_dir or default_cache_dir()))
 
 
 def _from_hub(checkpoint: str) -> str:
@@ -84,15 +79,15 @@ def _from_hub(checkpoint: str) -> str:
         ) from exc
 
 
-def _from_object_store(uri: str, cache_dir: Path, storage_options: dict[str, Any] | None) -> str:
-    import fsspec
+def _from_object_store(loc: Location, cache_dir: Path) -> str:
     from filelock import FileLock
 
+    uri = loc.uri
     digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
     local = cache_dir / f"{digest}-{os.path.basename(uri.rstrip('/')) or 'checkpoint.pt'}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(local) + ".lock", timeout=3600):
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = loc.fs, loc.path
         try:
             info = fs.info(path)
         except FileNotFoundError as exc:

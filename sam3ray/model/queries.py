@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam3ray.types import VISUAL_TEXT, ConceptSet, Exemplar, ImageExemplars
+from sam3ray.core.types import VISUAL_TEXT, ConceptSet, Exemplar, ImageExemplars, query_label
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,9 @@ class Query:
 
     @property
     def label(self) -> str:
-        """Human-readable provenance stored with each detection, e.g. 'text:"car" +1 box -1 box'."""
-        parts = ["visual" if self.text == VISUAL_TEXT else f'text:"{self.text}"']
-        for kind, items in (("box", self.boxes), ("point", self.points)):
-            pos = sum(1 for _, p in items if p)
-            neg = len(items) - pos
-            if pos:
-                parts.append(f"+{pos} {kind}")
-            if neg:
-                parts.append(f"-{neg} {kind}")
-        return " ".join(parts)
+        """The ``query`` column (``core.types.query_label``), e.g. 'text:"car" +1 box -1 box'."""
+        kinds = [("box", p) for _, p in self.boxes] + [("point", p) for _, p in self.points]
+        return query_label(self.text, kinds)
 
 
 def validate_images(

@@ -39,7 +39,7 @@ def init_uninitialised(model, generator) -> None:
                 p.normal_(0.0, 1.0, generator=generator)
 
 
-def _spread_scores(model, generator) -> None:
+def spread_scores(model, generator) -> None:
     """Random weights put every score near 0.5·0.5; widen the logits so that the
     tiny model yields a realistic mix of confident and rejected detections."""
     import torch
@@ -61,7 +61,7 @@ def build_tiny_model(seed: int = 0, resolution: int = 336):
     model = build_image_model(arch)
     gen = torch.Generator().manual_seed(seed + 1)
     init_uninitialised(model, gen)
-    _spread_scores(model, gen)
+    spread_scores(model, gen)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"tiny model has non-finite parameters: {bad}")

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from sam3ray.model.tiny import _spread_scores, init_uninitialised, save_checkpoint
+from sam3ray.model.tiny import init_uninitialised, save_checkpoint, spread_scores
 from sam3ray.model.video_arch import Sam3VideoArch, build_video_model
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def build_tiny_video_model(seed: int = 0, resolution: int = 336, num_queries: in
     model = build_video_model(arch)
     gen = torch.Generator().manual_seed(seed + 1)
     init_uninitialised(model.detector, gen)
-    _spread_scores(model.detector, gen)
+    spread_scores(model.detector, gen)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"tiny video model has non-finite parameters: {bad}")

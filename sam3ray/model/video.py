@@ -27,12 +27,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from sam3ray.config.schema import ModelConfig, VideoConfig
+from sam3ray.core.types import Detection
 from sam3ray.model.video_queries import VideoQuery
+from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +42,7 @@ _MEAN = (0.5, 0.5, 0.5)
 _STD = (0.5, 0.5, 0.5)
 
 
-@dataclass(frozen=True)
-class TrackedDetection:
-    """One object on one frame of a shard (``frame`` is the shard-local index)."""
-
-    frame: int
-    track: int  # shard-local track id, unique across the shard's queries
-    class_id: str
-    concept: str
-    query: str
-    score: float
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
-    mask_rle: bytes
-    mask_size: tuple[int, int]
-    area: int
+_MODEL_DEFAULTS = ModelConfig.model_fields
 
 
 def frame_to_tensor(rgb: np.ndarray, image_size: int):
@@ -196,15 +185,17 @@ class VideoTracker:
         self,
         model: Any,
         *,
-        device: str = "cpu",
+        device: str = _MODEL_DEFAULTS["device"].default,
+        dtype: str = _MODEL_DEFAULTS["dtype"].default,
         model_id: str = "sam3-video",
-        feature_cache_mib: int = 4096,
+        feature_cache_mib: int = VideoConfig.model_fields["feature_cache_mib"].default,
     ) -> None:
         from sam3ray.model import video_compat
-        from sam3ray.model.engine import resolve_device
+        from sam3ray.model.engine import resolve_device, resolve_dtype
 
         video_compat.ensure()
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
         self.model_id = model_id
         self.image_size = int(model.image_size)
@@ -215,29 +206,68 @@ class VideoTracker:
     @classmethod
     def from_checkpoint(
         cls,
-        checkpoint: str,
+        checkpoint: str | Location,
         *,
-        device: str = "auto",
+        device: str = _MODEL_DEFAULTS["device"].default,
+        dtype: str = _MODEL_DEFAULTS["dtype"].default,
+        compile: bool = _MODEL_DEFAULTS["compile"].default,
         cache_dir: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        feature_cache_mib: int = 4096,
+        feature_cache_mib: int = VideoConfig.model_fields["feature_cache_mib"].default,
     ) -> VideoTracker:
+        """Load a checkpoint with the tracker (path, ``Location`` or hub id)."""
         from sam3ray.model.loader import resolve_checkpoint
 
-        path = resolve_checkpoint(checkpoint, cache_dir=cache_dir, storage_options=storage_options)
+        path = resolve_checkpoint(checkpoint, cache_dir=cache_dir)
         model, _, model_id = load_video_model(path)
-        return cls(model, device=device, model_id=model_id, feature_cache_mib=feature_cache_mib)
+        tracker = cls(
+            model,
+            device=device,
+            dtype=dtype,
+            model_id=model_id,
+            feature_cache_mib=feature_cache_mib,
+        )
+        if compile:
+            tracker.compile()
+        return tracker
+
+    @classmethod
+    def from_config(
+        cls, model: ModelConfig, video: VideoConfig, checkpoint: Location | None = None
+    ) -> VideoTracker:
+        """The tracker a job's ``model`` and ``video`` sections describe."""
+        return cls.from_checkpoint(
+            checkpoint or Location(model.checkpoint, model.storage_options),
+            device=model.device,
+            dtype=model.dtype,
+            compile=model.compile,
+            cache_dir=model.cache_dir,
+            feature_cache_mib=video.feature_cache_mib,
+        )
+
+    def compile(self) -> None:
+        """torch.compile the detector's vision backbone (fixed frame size; the dominant cost)."""
+        import torch
+
+        backbone = self.model.detector.backbone
+        backbone.forward_image = torch.compile(backbone.forward_image, dynamic=False)
+
+    def prepare_frame(self, rgb: np.ndarray) -> Any:
+        """One decoded H×W×3 uint8 frame as the model's input (see :func:`frame_to_tensor`)."""
+        return frame_to_tensor(rgb, self.image_size)
 
     def track(
-        self, images: Any, orig_hw: tuple[int, int], queries: list[VideoQuery]
-    ) -> list[TrackedDetection]:
-        """Run every query over the frames (T×3×S×S float16) and return all detections.
+        self, frames: Any, orig_hw: tuple[int, int], queries: list[VideoQuery]
+    ) -> list[Detection]:
+        """Run every query over the frames (a T×3×S×S float16 tensor, or a list of
+        :meth:`prepare_frame` results) and return all detections.
 
         Local track ids are numbered in query order, so they are deterministic.
         """
+        import torch
+
         from sam3ray.model import video_compat
 
-        out: list[TrackedDetection] = []
+        out: list[Detection] = []
         state = None
         t0 = time.perf_counter()
         shared = (
@@ -245,10 +275,16 @@ class VideoTracker:
             if self.feature_cache_bytes > 0
             else contextlib.nullcontext({})
         )
+        # stacked outside the autocast: CPU autocast refuses float16 inputs to stack
+        images = torch.stack(frames) if isinstance(frames, list) else frames
         try:
-            with video_compat.video_inference(self.device), shared as cache_stats:
+            with video_compat.video_inference(self.device, self.dtype), shared as cache_stats:
                 self.last_feature_cache = cache_stats
-                state = new_inference_state(self.model, images.to(self.device), orig_hw)
+                # frames are built like sam3's loader (float16); float32 runs upcast them
+                images = images.to(self.device)
+                if self.dtype == "float32":
+                    images = images.to(torch.float32)
+                state = new_inference_state(self.model, images, orig_hw)
                 self.sessions += 1
                 next_track = 0
                 for q in queries:
@@ -267,10 +303,11 @@ class VideoTracker:
 
         h, w = orig_hw
         kwargs: dict[str, Any] = {"text_str": q.text or "visual"}
-        if q.box is not None:
-            x0, y0, x1, y1 = q.box
-            kwargs["boxes_xywh"] = torch.tensor([[x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h]])
-            kwargs["box_labels"] = torch.tensor([1])
+        if q.boxes:
+            kwargs["boxes_xywh"] = torch.tensor(
+                [[x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h] for x0, y0, x1, y1, _ in q.boxes]
+            )
+            kwargs["box_labels"] = torch.tensor([1 if pos else 0 for *_, pos in q.boxes])
         self.model.add_prompt(state, frame_idx=q.frame, **kwargs)
         frames: dict[int, dict[str, Any]] = {}
         self._propagate(state, q.frame, frames)
@@ -292,7 +329,7 @@ class VideoTracker:
                 frames[idx] = res
 
     def _to_detections(self, frames, q: VideoQuery, orig_hw, next_track: int):
-        from sam3ray.masks import encode_rle_batch
+        from sam3ray.core.masks import encode_rle_batch
 
         h, w = orig_hw
         ids = sorted({int(i) for res in frames.values() for i in res["out_obj_ids"]})
@@ -308,10 +345,10 @@ class VideoTracker:
                 if area == 0:
                     continue
                 bx, by, bw, bh = (float(v) for v in res["out_boxes_xywh"][i])
-                out.append(TrackedDetection(
-                    idx, local[int(res["out_obj_ids"][i])], q.class_id, q.concept, q.label,
-                    float(res["out_probs"][i]), (bx * w, by * h, (bx + bw) * w, (by + bh) * h),
-                    rle, (h, w), area,
+                out.append(Detection(
+                    q.class_id, q.concept, q.label, float(res["out_probs"][i]),
+                    (bx * w, by * h, (bx + bw) * w, (by + bh) * h), rle, (h, w), area,
+                    frame=idx, track=local[int(res["out_obj_ids"][i])],
                 ))  # fmt: skip
         return out, len(ids)
 

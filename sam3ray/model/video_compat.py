@@ -116,21 +116,52 @@ def ensure() -> None:
         _done = True
 
 
+class Bfloat16AsFloat32(TorchFunctionMode):
+    """Keep a float32 run in float32.
+
+    Upstream problem: the tracker stores memory features as bfloat16 by explicit
+    casts (``maskmem_features.to(torch.bfloat16)``, ``sam3_tracking_predictor.py``
+    ~1098/1149) and relies on the bf16 autocast it enters on CUDA to mix them
+    with float32 weights; without autocast those casts end in "Input type
+    (BFloat16) and bias type (float)". On CPU, bfloat16 convolutions are far
+    slower than float32, so ``model.dtype: float32`` maps every bfloat16 cast to
+    float32 instead: the same code path, in one dtype.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("dtype") is torch.bfloat16:
+            kwargs["dtype"] = torch.float32
+        if func is torch.Tensor.bfloat16:
+            return args[0].float()
+        if func is torch.Tensor.to and any(a is torch.bfloat16 for a in args[1:]):
+            args = tuple(torch.float32 if a is torch.bfloat16 else a for a in args)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def video_inference(device: str | torch.device) -> Iterator[None]:
+def video_inference(device: str | torch.device, dtype: str = "bfloat16") -> Iterator[None]:
     """The context every sam3 video call runs in.
 
     Upstream builds its frames in float16 and relies on the bf16 CUDA autocast
     that ``Sam3TrackerPredictor.__init__`` enters globally (and thread-locally)
     at construction; on CPU that autocast is a no-op and the float16 frames meet
-    float32 conv weights ("mixed dtype" errors). So: bf16 autocast on the
-    model's device type, entered explicitly per call (Ray may call an actor from
-    another thread than the one that built it), plus ``CudaToCpu`` on CPU.
+    float32 conv weights ("mixed dtype" errors). So, for ``bfloat16``: bf16
+    autocast on the model's device type, entered explicitly per call (Ray may
+    call an actor from another thread than the one that built it); for
+    ``float32``: no autocast, float32 frames (the caller's) and
+    :class:`Bfloat16AsFloat32`; plus ``CudaToCpu`` on CPU.
     """
     device = torch.device(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if dtype == "bfloat16":
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        else:
+            # the CUDA autocast upstream entered at construction must not apply either
+            if device.type == "cuda":
+                stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
+            stack.enter_context(Bfloat16AsFloat32())
         if device.type == "cpu":
             stack.enter_context(CudaToCpu())
         yield

@@ -18,25 +18,23 @@ pytestmark = [
 
 def _concepts():
     from sam3ray import Concept, ConceptSet
+    from tests.support.jobs import CAT, PERSON
 
     return ConceptSet(
-        (
-            Concept("6f1c2a4e-1b7d-4c1e-9a55-0d7f1c3e2b01", "cat", ("cat", "kitten")),
-            Concept("0b8e3d52-9f4a-4f7b-8c21-5e6d7a8b9c02", "person", ("person",)),
-        )
+        (Concept(CAT, "cat", ("cat", "kitten")), Concept(PERSON, "person", ("person",)))
     )
 
 
 def _images():
-    from sam3ray.sample_data import synthetic_scene
+    from tests.support.images import scene
 
-    return [synthetic_scene(i) for i in range(4)]
+    return [scene(i, (160 + 48 * i, 320 - 40 * i)) for i in range(4)]
 
 
 def test_cuda_float32_matches_cpu(tiny_checkpoint):
-    from sam3ray import EngineConfig, Sam3Engine
+    from sam3ray import InferenceConfig, Sam3Engine
 
-    cfg = EngineConfig(conf=0.3)
+    cfg = InferenceConfig(conf=0.3)
     cpu = Sam3Engine.from_checkpoint(tiny_checkpoint, _concepts(), cfg, device="cpu")
     gpu = Sam3Engine.from_checkpoint(
         tiny_checkpoint, _concepts(), cfg, device="cuda", dtype="float32"
@@ -51,12 +49,12 @@ def test_cuda_float32_matches_cpu(tiny_checkpoint):
 
 
 def test_cuda_bf16_autocast_runs_and_packs_queries(tiny_checkpoint):
-    from sam3ray import EngineConfig, Sam3Engine
+    from sam3ray import InferenceConfig, Sam3Engine
 
     eng = Sam3Engine.from_checkpoint(
         tiny_checkpoint,
         _concepts(),
-        EngineConfig(conf=0.3, queries_per_forward=64),
+        InferenceConfig(conf=0.3, queries_per_forward=64),
         device="cuda",
         dtype="bfloat16",
     )

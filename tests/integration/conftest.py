@@ -8,12 +8,11 @@ in a few minutes on two cores: ~12-16 images of at most 320 px, 3 classes.
 
 The reference for "what the job should have produced" is :func:`engine_reference`:
 ``Sam3Engine`` run directly in this process over the same bytes, decoded and
-downscaled exactly as ``stages.decode_shard`` does.
+downscaled exactly as the decode stage does.
 """
 
 from __future__ import annotations
 
-import io
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -22,44 +21,27 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
-from PIL import Image
 
-from sam3ray.config import JobConfig
-from sam3ray.inputs import image_id_for
-from sam3ray.sample_data import synthetic_scene
+from sam3ray.core.ids import input_id
+from tests.support.images import scene_bytes
+from tests.support.jobs import (  # noqa: F401 - re-exported through the ``it`` fixture
+    CAT,
+    CLASS_IDS,
+    CONCEPTS_CSV,
+    INFERENCE,
+    PERSON,
+    ROCKET,
+    config_yaml,
+    job_config,
+    write_concepts,
+)
+from tests.support.jobs import read_tables as read_output  # noqa: F401
 
 _HERE = Path(__file__).resolve().parent
 #: This module object: test files reach the helpers through the ``it`` fixture, because
 #: conftest modules share the name "conftest" and cannot be imported reliably by name.
 _SELF = sys.modules[__name__]
-
-CAT = "6f1c2a4e-1b7d-4c1e-9a55-0d7f1c3e2b01"
-PERSON = "0b8e3d52-9f4a-4f7b-8c21-5e6d7a8b9c02"
-ROCKET = "a3d9c1f0-2e4b-4a6c-b7d8-9e0f1a2b3c03"
-CLASS_IDS = (CAT, PERSON, ROCKET)
-
-#: 3 classes, one with two synonyms, one with its own threshold (4 text queries per image).
-CONCEPTS_CSV = (
-    "class_id,name,text,min_score\n"
-    f"{CAT},cat,cat,\n"
-    f"{CAT},cat,kitten,\n"
-    f"{PERSON},person,person,\n"
-    f"{ROCKET},rocket,rocket,0.5\n"
-)
-
-#: ``inference:`` of every integration job. max_imgsz 256 < the largest test image
-#: (320 px), so the decode stage's downscale and the orig-size mapping are exercised.
-INFERENCE: dict[str, Any] = {
-    "conf": 0.4,
-    "iou": 0.7,
-    "nms": True,
-    "max_det": 50,
-    "max_imgsz": 256,
-    "images_per_batch": 4,
-    "queries_per_forward": 32,
-}
 
 #: (height, width) cycled over the generated images: all <= 320 px, portrait and landscape.
 SIZES = ((240, 320), (320, 240), (200, 200), (180, 300), (320, 320), (160, 256))
@@ -110,10 +92,7 @@ def ray_session():
 
 def image_bytes(seed: int, fmt: str) -> bytes:
     """A deterministic synthetic scene encoded as JPEG or PNG."""
-    img = Image.fromarray(synthetic_scene(seed, SIZES[seed % len(SIZES)]))
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+    return scene_bytes(seed, SIZES[seed % len(SIZES)], fmt)
 
 
 def image_names(n: int, start: int = 0) -> list[tuple[str, int, str]]:
@@ -145,67 +124,7 @@ def upload_images(moto_s3, bucket: str, prefix: str, n: int, start: int = 0) -> 
     )
 
 
-def write_concepts(path: Path, text: str = CONCEPTS_CSV) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def job_config(
-    *,
-    uris: Sequence[str],
-    concepts: str,
-    checkpoint: str,
-    output: str,
-    storage_options: dict[str, Any] | None = None,
-    geometric: str | None = None,
-    shard_size: int = 3,
-    run_id: str | None = None,
-    cache_dir: str | None = None,
-    **output_extra: Any,
-) -> JobConfig:
-    """A small CPU job: tiny model, 1-2 single-thread actors, small shards."""
-    return JobConfig.model_validate(
-        {
-            "run_id": run_id,
-            "input": {"uris": list(uris), "storage_options": storage_options or {}},
-            "prompts": {"concepts": concepts, "geometric": geometric},
-            "model": {
-                "checkpoint": checkpoint,
-                "device": "cpu",
-                "dtype": "float32",
-                "cache_dir": cache_dir,
-            },
-            "inference": INFERENCE,
-            "resources": {
-                "gpus_per_actor": 0,
-                "cpus_per_actor": 0.5,
-                "actors": [1, 2],
-                "decode_cpus": 0.5,
-            },
-            "output": {"uri": output, "shard_size": shard_size, **output_extra},
-        }
-    )
-
-
-def config_yaml(cfg: JobConfig) -> str:
-    """The YAML a user would write for ``cfg`` (for CLI tests)."""
-    import yaml
-
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 # -- reading the output with generic readers --------------------------------------------------
-
-
-def read_output(root: str, filesystem: Any = None) -> tuple[pa.Table, pa.Table]:
-    """(images, detections) read with plain ``pyarrow.dataset`` (Hive partitioning)."""
-    images = ds.dataset(f"{root}/images", format="parquet", filesystem=filesystem).to_table()
-    detections = ds.dataset(
-        f"{root}/detections", format="parquet", partitioning="hive", filesystem=filesystem
-    ).to_table()
-    return images, detections
 
 
 def check_images_invariant(images: pa.Table, detections: pa.Table, uris: Iterable[str]) -> None:
@@ -215,7 +134,7 @@ def check_images_invariant(images: pa.Table, detections: pa.Table, uris: Iterabl
     assert sorted(r["uri"] for r in rows) == uris, "every input exactly once"
     assert len({r["image_id"] for r in rows}) == len(uris)
     for r in rows:
-        assert r["image_id"] == image_id_for(r["uri"])
+        assert r["image_id"] == input_id(r["uri"])
         assert r["status"] in ("ok", "error")
     ok = {r["image_id"] for r in rows if r["status"] == "ok"}
     det_ids = detections.column("image_id").to_pylist()
@@ -253,24 +172,25 @@ def detection_set(detections: pa.Table) -> set[tuple[str, str, float]]:
 
 def engine_for(checkpoint: str, concepts_uri: str, storage_options: dict[str, Any] | None = None):
     """``Sam3Engine`` with the integration jobs' inference parameters."""
-    from sam3ray import EngineConfig, Sam3Engine
-    from sam3ray.prompts import load_concepts
+    from sam3ray import InferenceConfig, Sam3Engine
+    from sam3ray.sources.prompts import load_concepts
+    from sam3ray.storage.location import Location
 
-    concepts = load_concepts(concepts_uri, storage_options)
-    params = {k: v for k, v in INFERENCE.items() if k != "images_per_batch"}
+    concepts = load_concepts(Location(concepts_uri, storage_options or {}))
     return Sam3Engine.from_checkpoint(
-        checkpoint, concepts, EngineConfig(**params), device="cpu", dtype="float32"
+        checkpoint, concepts, InferenceConfig(**INFERENCE), device="cpu", dtype="float32"
     )
 
 
 def decode_like_the_job(
     uri: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes → RGB → downscaled to ``max_imgsz``, plus the original (h, w): as decode_shard."""
-    from sam3ray.decode import decode_image, downscale_long_side
-    from sam3ray.inputs import read_bytes
+    """Bytes → RGB → downscaled to ``max_imgsz``, plus the original (h, w): as the decode stage."""
+    from sam3ray.sources.images import decode_image, downscale_long_side
+    from sam3ray.storage.location import Location
 
-    img = decode_image(read_bytes(uri, storage_options or {}), max_pixels=178_956_970)
+    data = Location(uri, storage_options or {}).read_bytes()
+    img = decode_image(data, max_pixels=178_956_970)
     h, w = img.shape[:2]
     return downscale_long_side(img, INFERENCE["max_imgsz"]), (h, w)
 
@@ -292,7 +212,7 @@ def engine_reference(
         )
         for uri, found in zip(chunk, results):
             for d in found:
-                out[(image_id_for(uri), d.class_id)].append(float(d.score))
+                out[(input_id(uri), d.class_id)].append(float(d.score))
     return {k: sorted(v, reverse=True) for k, v in out.items()}
 
 

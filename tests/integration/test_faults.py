@@ -25,29 +25,31 @@ import yaml
 
 from sam3ray.cli import main as cli_main
 from sam3ray.config import JobConfig
-from sam3ray.inputs import image_id_for
-from sam3ray.pipeline import run_job
-from tests.faults.bad_inputs import bad_inputs, good_inputs
-from tests.faults.jobs import (
+from sam3ray.core.ids import input_id
+from sam3ray.runner.job import run_job
+from tests.support.bad_inputs import bad_inputs, good_inputs
+from tests.support.faults import crash_actors
+from tests.support.jobs import (
+    THING_CSV,
     assert_committed_files_whole,
     detection_keys,
+    fault_job_config,
+    fault_job_dict,
     image_rows,
     images_for,
-    job_config,
-    job_dict,
     kill_ray_instance,
     outcome,
     read_tables,
     write_concepts,
 )
-from tests.faults.s3proxy import FlakyS3Proxy
+from tests.support.s3proxy import FlakyS3Proxy
 
 N_IMAGES = 10
 
 
 @pytest.fixture(scope="module")
 def concepts(tmp_path_factory) -> str:
-    return write_concepts(tmp_path_factory.mktemp("fault-prompts"))
+    return write_concepts(tmp_path_factory.mktemp("fault-prompts"), THING_CSV)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def clean_run(ray_session, moto_s3, fault_inputs, concepts, tiny_checkpoint, tmp
     """The undisturbed run every disturbed one must equal: (images, detections)."""
     bucket, uris = fault_inputs
     out = tmp_path_factory.mktemp("clean") / "out"
-    cfg = job_config(
+    cfg = fault_job_config(
         uris=[f"s3://{bucket}/in/"],
         storage_options=moto_s3.storage_options,
         concepts=concepts,
@@ -101,9 +103,8 @@ def test_actor_crash_is_retried_on_a_restarted_actor(
     bucket, _ = fault_inputs
     state = tmp_path / "fault-state"
     state.mkdir()
-    monkeypatch.setenv("SAM3RAY_FAULT_ACTOR_EXIT_ON_BATCH", "3")
-    monkeypatch.setenv("SAM3RAY_FAULT_STATE_DIR", str(state))
-    cfg = job_config(
+    crash_actors(monkeypatch, 3, str(state))
+    cfg = fault_job_config(
         uris=[f"s3://{bucket}/in/"],
         storage_options=moto_s3.storage_options,
         concepts=concepts,
@@ -113,7 +114,7 @@ def test_actor_crash_is_retried_on_a_restarted_actor(
     summary = run_job(cfg)
 
     fired = (state / "actor-exit.fired").read_text().split()
-    assert fired[0] == "pid" and fired[3] == "3", fired  # it fired, once, on batch 3
+    assert fired[0] == "pid" and fired[3] == "3", fired  # it fired, once, on shard 3
     crashed_pid = int(fired[1])
     # One actor in the pool: the shards before the crash came from the first process,
     # the rest (the lost one included) from its restart, which loaded the model once.
@@ -142,7 +143,7 @@ def test_driver_sigkill_then_resume_equals_clean_run(
 ):
     bucket, uris = fault_inputs
     out = tmp_path / "out"
-    data = job_dict(
+    data = fault_job_dict(
         uris=[f"s3://{bucket}/in/"],
         storage_options=moto_s3.storage_options,
         concepts=concepts,
@@ -154,7 +155,7 @@ def test_driver_sigkill_then_resume_equals_clean_run(
     # The killed driver's own Ray lives under a unique, short RAY_TMPDIR (unix socket
     # paths are limited to 107 bytes), so its orphans can be found and killed alone.
     ray_tmp = tempfile.mkdtemp(prefix="s3r-kill-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SAM3RAY_FAULT"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_TMPDIR"] = ray_tmp
     log = tmp_path / "driver.log"
     with open(log, "wb") as log_file:
@@ -185,7 +186,7 @@ def test_driver_sigkill_then_resume_equals_clean_run(
 
     committed = assert_committed_files_whole(out)
     assert 1 <= committed < N_IMAGES, committed
-    assert not (out / "runs").exists(), "the killed run wrote no summary"
+    assert not (out / "runs").exists(), "a SIGKILLed driver writes no summary"
 
     summary = run_job(JobConfig.model_validate(data))  # resume (the default), in the test's Ray
     assert summary["shards"]["skipped"] == committed
@@ -211,7 +212,7 @@ def test_flaky_object_storage_loses_nothing(
         moto_s3.endpoint_url, fail_rate=0.2, burst_share=0.3, forced_bursts=forced
     ) as proxy:
         opts = proxy.storage_options(config_kwargs={"retries": {"max_attempts": 1}})
-        cfg = job_config(
+        cfg = fault_job_config(
             uris=[f"s3://{bucket}/in/"],
             storage_options=opts,
             concepts=concepts,
@@ -275,7 +276,7 @@ def test_poison_inputs_become_one_error_row_each(
         "client_kwargs": {"endpoint_url": moto_s3.endpoint_url, "region_name": "us-east-1"},
     }
     out = tmp_path / "out"
-    data = job_dict(
+    data = fault_job_dict(
         manifest=manifest,
         storage_options=opts,
         concepts=concepts,
@@ -315,7 +316,7 @@ def test_poison_inputs_become_one_error_row_each(
     det_count = {r["image_id"]: r["score_count"] for r in per_image}
     for f in files:
         row = rows[uri[f.name]]
-        assert row["image_id"] == image_id_for(uri[f.name])
+        assert row["image_id"] == input_id(uri[f.name])
         if f.status == "error":
             assert (row["status"], row["error_reason"]) == ("error", f.reason), f.name
             assert row["error"].startswith(f"DecodeError: {f.reason}: "), row["error"]
@@ -333,12 +334,12 @@ def test_poison_inputs_become_one_error_row_each(
         assert (row["status"], row["error_reason"]) == ("error", reason)
         assert row["error"].startswith(text) and row["n_detections"] == 0
     # Masks and boxes of the EXIF-rotated photo are in the upright frame (48 wide, 96 tall).
-    exif_id = image_id_for(uri["exif-rotated.jpg"])
+    exif_id = input_id(uri["exif-rotated.jpg"])
     for d in detections.filter(pc.equal(detections["image_id"], exif_id)).to_pylist():
         assert d["mask_size"] == [96, 48] and (d["width"], d["height"]) == (48, 96)
         x0, y0, x1, y1 = d["box"]
         assert 0 <= x0 <= x1 <= 48 and 0 <= y0 <= y1 <= 96
-    panorama_id = image_id_for(uri["panorama.png"])
+    panorama_id = input_id(uri["panorama.png"])
     panorama = detections.filter(pc.equal(detections["image_id"], panorama_id))
     assert {tuple(m) for m in panorama.column("mask_size").to_pylist()} == {(20, 20000)}
 

@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from sam3ray.inputs import image_id_for
-from sam3ray.pipeline import run_job
-from tests.faults.jobs import job_config, read_tables, write_concepts
+from sam3ray.core.ids import input_id
+from sam3ray.runner.job import run_job
+from tests.support.jobs import THING_CSV, fault_job_config, read_tables, write_concepts
 
 N = 500
 
@@ -47,9 +47,9 @@ def write_small_images(root, n: int) -> list[str]:
 
 def test_500_images_each_exactly_once(ray_session, small_tiny_checkpoint, tmp_path):
     paths = write_small_images(tmp_path / "images", N)
-    cfg = job_config(
+    cfg = fault_job_config(
         uris=[str(tmp_path / "images")],
-        concepts=write_concepts(tmp_path / "prompts"),
+        concepts=write_concepts(tmp_path / "prompts", THING_CSV),
         checkpoint=small_tiny_checkpoint,
         output=str(tmp_path / "out"),
         shard_size=64,
@@ -63,7 +63,7 @@ def test_500_images_each_exactly_once(ray_session, small_tiny_checkpoint, tmp_pa
     counts = Counter(images.column("uri").to_pylist())
     assert sorted(counts) == paths and set(counts.values()) == {1}
     assert set(images.column("status").to_pylist()) == {"ok"}
-    assert sorted(images.column("image_id").to_pylist()) == sorted(map(image_id_for, paths))
+    assert sorted(images.column("image_id").to_pylist()) == sorted(map(input_id, paths))
     assert sum(images.column("n_detections").to_pylist()) == detections.num_rows
     assert summary["detections"] == detections.num_rows
     assert summary["shards"]["done_now"] >= N // 128  # shards of ~64 (at most 128)

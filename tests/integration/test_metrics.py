@@ -1,4 +1,4 @@
-"""sam3ray.metrics against a real local Ray: metrics are made and recorded inside an
+"""sam3ray.runner.metrics against a real local Ray: metrics are made and recorded inside an
 actor (where the SAM 3 stage records them), and their values reach the node's
 Prometheus endpoint when the metrics agent runs (it needs ``ray[default]``).
 """
@@ -16,15 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from sam3ray.metrics import (
+from sam3ray.runner.metrics import (
     DETECTIONS_METRIC,
     IMAGES_METRIC,
     LATENCY_BOUNDARIES_MS,
     LATENCY_METRIC,
-    Metrics,
-    NullMetrics,
     RayMetrics,
 )
+from sam3ray.stages.metrics import Metrics, NullMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +46,8 @@ def ray_ready(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def test_module_imports_without_ray() -> None:
-    """Stages import sam3ray.metrics; it must not pull Ray into them."""
-    code = "import sys, sam3ray.metrics; assert 'ray' not in sys.modules, 'ray imported'"
+    """Stages import sam3ray.stages.metrics; it must not pull Ray into them."""
+    code = "import sys, sam3ray.stages.metrics; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

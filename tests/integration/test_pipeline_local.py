@@ -27,10 +27,10 @@ import pyarrow.dataset as ds
 import pytest
 
 from sam3ray.cli import main as cli_main
+from sam3ray.cli.report import summary_text
 from sam3ray.config import ConfigError, JobConfig
-from sam3ray.pipeline import run_job
-from sam3ray.summary import summary_text
-from sam3ray.types import Exemplar
+from sam3ray.core.types import Exemplar
+from sam3ray.runner.job import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -189,7 +189,7 @@ def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
     redo = run_job(variant())
     assert redo["shards"]["relabelled"] == redo["shards"]["done_now"] == n_shards
     assert (redo["inputs_processed"], redo["shards"]["skipped"]) == (N_IMAGES, 0)
-    assert redo["labelling_settings"]["inference"]["conf"] == 0.6
+    assert redo["labelling_settings"]["image"]["inference.conf"] == 0.6
     assert f"relabelled {n_shards} shards" in summary_text(redo)
     images, detections = it.read_output(out)
     it.check_images_invariant(images, detections, local_job["uris"])
@@ -253,8 +253,8 @@ def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path
         f"""
         import json
         from sam3ray.config import JobConfig
-        from sam3ray.pipeline import run_job
-        from sam3ray.prompts import PromptTableError
+        from sam3ray.core.errors import PromptTableError
+        from sam3ray.runner.job import run_job
         messages = {{}}
         for name in {sorted(bad)!r}:
             cfg = JobConfig.model_validate({{
@@ -295,11 +295,16 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
     images = tmp_path / "images"
     it.write_images(images, 4)
     concepts = it.write_concepts(tmp_path / "concepts.csv")
+    # An earlier run's labels: overwrite mode must not touch them before the checks pass.
+    kept = [tmp_path / "labels" / "_markers" / "s0.json", tmp_path / "labels" / "images" / "x"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("an earlier run's file")
     script = textwrap.dedent(
         f"""
         import json, time, ray
         from sam3ray.config import JobConfig
-        from sam3ray.pipeline import run_job
+        from sam3ray.runner.job import run_job
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=100 * 1024 * 1024)
         cfg = JobConfig.model_validate({{
@@ -309,7 +314,8 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
             "inference": {{"max_imgsz": 256}},
             "resources": {{"gpus_per_actor": 0, "cpus_per_actor": 1, "actors": [2, 2],
                            "decode_cpus": 0.5}},
-            "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 1}},
+            "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 1,
+                        "mode": "overwrite"}},
         }})
         t0 = time.perf_counter()
         try:
@@ -338,8 +344,45 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
         pytest.fail("run_job hung with an actor pool that leaves no CPU for decode tasks")
     assert proc.returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["raised"] is not None, "expected a refusal naming resources.*"
+    assert result["raised"] == "ConfigError", "expected a refusal naming resources.*"
     assert "resources." in result["message"], result
+    assert all(p.read_text() == "an earlier run's file" for p in kept), "refused, not cleared"
+
+
+def test_a_crash_after_ray_started_still_writes_the_summary(
+    it, ray_session, tiny_checkpoint, concepts_csv, tmp_path, monkeypatch
+):
+    """The pipeline dies mid-run (here: the driver loses the cluster after one shard):
+    the CLI exits 1 and ``runs/<run_id>.json`` says failed, with the error and the
+    shards that were committed before it."""
+    from sam3ray.runner import pipelines
+
+    it.write_images(tmp_path / "images", 4)
+    real = pipelines.label_pipeline
+
+    def dies_after_one_shard(*args, **kwargs):
+        for summary in real(*args, **kwargs):
+            yield summary
+            raise ConnectionError("lost the Ray cluster")
+
+    monkeypatch.setattr(pipelines, "label_pipeline", dies_after_one_shard)
+    cfg = it.job_config(
+        uris=[str(tmp_path / "images")],
+        concepts=concepts_csv,
+        checkpoint=tiny_checkpoint,
+        output=str(tmp_path / "labels"),
+        run_id="crash",
+        shard_size=1,
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(it.config_yaml(cfg))
+    code, _, stderr = _cli(["run", str(config)])
+    assert code == 1, stderr
+    assert "CRASHED: ConnectionError: lost the Ray cluster" in stderr
+    summary = json.loads((tmp_path / "labels" / "runs" / "crash.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["failure"] == "ConnectionError: lost the Ray cluster"
+    assert summary["shards"]["done_now"] == 1 and summary["inputs_processed"] == 1
 
 
 # -- CLI --------------------------------------------------------------------------------------

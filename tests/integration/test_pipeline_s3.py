@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sam3ray.pipeline import run_job
+from sam3ray.runner.job import run_job
 
 pytestmark = pytest.mark.integration
 

@@ -213,7 +213,7 @@ def test_submit_wait_runs_demo_to_success(ray_head: Head, demo_job) -> None:
 def test_working_dir_ships_tables_and_keeps_object_store_paths(tmp_path) -> None:
     """Local tables are copied and re-pointed; s3:// paths and --set values travel as is."""
     from sam3ray.config import load_config
-    from sam3ray.submit import build_working_dir, local_paths
+    from sam3ray.runner.submit import build_working_dir, local_paths
 
     concepts = tmp_path / "tables" / "my-concepts.CSV"
     concepts.parent.mkdir()
@@ -244,7 +244,7 @@ def test_working_dir_ships_tables_and_keeps_object_store_paths(tmp_path) -> None
 
 
 def test_runtime_env_pip_ships_package_and_dependencies(tmp_path) -> None:
-    from sam3ray.submit import runtime_env_for
+    from sam3ray.runner.submit import runtime_env_for
 
     plain = runtime_env_for(tmp_path, pip=False)
     assert plain == {"working_dir": str(tmp_path)}

@@ -1,8 +1,7 @@
-"""The video job end to end on real local Ray: plan → track → write → stitch → resume.
+"""The video job end to end on real local Ray: plan → track → commit → stitch → resume.
 
 Videos are generated in the test (moving shapes, 144×192) and tracked by the
-tiny random-weight SAM 3 video model. ``run_video_shards`` is driven directly
-(``pipeline.run_job`` merges it; see pipeline_video.py).
+tiny random-weight SAM 3 video model, through ``run_job`` like any job.
 """
 
 from __future__ import annotations
@@ -14,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from sam3ray.config import JobConfig
-from sam3ray.inputs import InputRef, image_id_for
-from sam3ray.output import detections_dataset, images_dataset, marker_relpath, scan_markers
-from sam3ray.pipeline_video import run_video_shards
-from sam3ray.prompts import load_concepts
-from sam3ray.video_output import staging_relpath
-from sam3ray.video_samples import unknown_codec_copy, write_video
-from sam3ray.video_stitch import match_tracks, volume_ious
+from sam3ray.core.ids import input_id
+from sam3ray.demo.videos import unknown_codec_copy, write_video
+from sam3ray.output.layout import marker_path, staging_path
+from sam3ray.output.readers import detections_dataset, images_dataset
+from sam3ray.output.stitch import match_tracks, volume_ious
+from sam3ray.runner.job import run_job
+from sam3ray.storage.location import Location
 
 DISC = "0b0c7f5e-0000-4000-8000-0000000000a1"
 STITCH_IOU = 0.3  # random-weight masks of one object agree at IoU ~0.44 on overlaps
@@ -40,7 +39,7 @@ def _job(tmp_path, ckpt: str, uris: list[str]) -> JobConfig:
         {
             "input": {"uris": uris},
             "prompts": {"concepts": str(concepts)},
-            "model": {"checkpoint": ckpt, "device": "cpu"},
+            "model": {"checkpoint": ckpt, "device": "cpu", "dtype": "float32"},
             "inference": {"conf": 0.0},
             "resources": {"gpus_per_actor": 0, "cpus_per_actor": 0.5, "actors": [1, 2]},
             "output": {"uri": str(tmp_path / "out")},
@@ -50,7 +49,7 @@ def _job(tmp_path, ckpt: str, uris: list[str]) -> JobConfig:
 
 
 def _table(out: str) -> list[tuple]:
-    rows = detections_dataset(out).to_table().to_pylist()
+    rows = detections_dataset(Location(out)).to_table().to_pylist()
     return sorted((r["image_id"], r["frame_index"], r["track_id"], r["mask_rle"]) for r in rows)
 
 
@@ -64,21 +63,18 @@ def test_video_job_owns_every_frame_once_stitches_tracks_and_resumes(
         str(write_video(root / "vfr.mp4", 20, variable_rate=True)): "variable_frame_rate",
         str(unknown_codec_copy(good[1], root / "codec.mkv")): "unsupported_codec",
     }
-    refs = [InputRef(u, image_id_for(u)) for u in sorted([*good, *bad])]
     cfg = _job(tmp_path, video_ckpt, [str(root)])
-    concepts = load_concepts(cfg.prompts.concepts)
     out = cfg.output.uri
 
-    stats: dict = {}
-    rows = list(run_video_shards(cfg, "run1", concepts, None, refs, {}, stats=stats))
-    assert len(rows) == stats["shards_todo"] == 4 + 3 + 2 and stats["shards_skipped"] == 0
+    first = run_job(cfg)
+    stats = first["videos"]
+    assert first["shards"]["done_now"] == stats["shards_todo"] == 4 + 3 + 2
+    assert stats["inputs"] == 4 and stats["shards_skipped"] == 0
     assert stats["stitch"].get("stitched") == 4, stats  # error videos: an empty record
-    loads = defaultdict(int)
-    for r in rows:
-        loads[r["actor_pid"]] = max(loads[r["actor_pid"]], r["actor_loads"])
-    assert set(loads.values()) == {1}, "the model is loaded once per actor"
+    loads = first["actors"]["model_loads_per_actor"]
+    assert loads and set(loads) == {1}, "the model is loaded once per actor"
 
-    images = images_dataset(out).to_table().to_pylist()
+    images = images_dataset(Location(out)).to_table().to_pylist()
     errors = {r["uri"]: r["error_reason"] for r in images if r["status"] == "error"}
     assert errors == bad
     for uri, n in zip(good, (56, 40)):
@@ -86,7 +82,7 @@ def test_video_job_owns_every_frame_once_stitches_tracks_and_resumes(
         owned = [f for lo, hi in spans for f in range(lo, hi)]
         assert owned == list(range(n)), "every frame owned by exactly one shard"
 
-    dets = detections_dataset(out).to_table().to_pylist()
+    dets = detections_dataset(Location(out)).to_table().to_pylist()
     keys = [(d["image_id"], d["frame_index"], d["track_id"]) for d in dets]
     assert len(keys) == len(set(keys)), "each (video, frame, object) appears once"
     assert dets and all(d["track_id"] >= 0 for d in dets), "every id is a stitched global id"
@@ -94,15 +90,22 @@ def test_video_job_owns_every_frame_once_stitches_tracks_and_resumes(
     _assert_matched_tracks_share_ids(out, images, dets)
 
     before = _table(out)
-    shard = sorted(s for s in span if s.startswith("v" + image_id_for(good[0])))[1]
-    os.remove(os.path.join(out, marker_relpath(shard)))
-    stats2: dict = {}
-    redo = list(
-        run_video_shards(cfg, "run2", concepts, None, refs, scan_markers(out), stats=stats2)
-    )
-    assert [r["shard_id"] for r in redo] == [shard], "resume redoes only the missing shard"
-    assert stats2["stitch"] == {"stitched": 1, "up_to_date": 3, "rewritten_shards": 1}, stats2
+    shard = sorted(s for s in span if s.startswith("v" + input_id(good[0])))[1]
+    os.remove(os.path.join(out, marker_path(shard)))
+    redo = run_job(cfg)
+    assert redo["shards"]["done_now"] == 1, "resume redoes only the missing shard"
+    assert redo["inputs_processed"] == 1 and redo["shards"]["skipped"] == 8
+    stitched = redo["videos"]["stitch"]
+    assert stitched == {"stitched": 1, "up_to_date": 3, "rewritten_shards": 1}, stitched
     assert _table(out) == before, "re-stitching gives the same global ids"
+    again_images = images_dataset(Location(out)).to_table().to_pylist()
+    assert {r["run_id"] for r in again_images if r["shard_id"] == shard} == {redo["run_id"]}
+
+    # A new stitch_iou re-stitches every video from staging, without tracking again.
+    restitch = run_job(cfg.model_copy(update={"video": cfg.video.model_copy(
+        update={"stitch_iou": 0.99})}))  # fmt: skip
+    assert restitch["shards"]["done_now"] == 0 and restitch["actors"]["count"] == 0
+    assert restitch["videos"]["stitch"].get("stitched") == 4, restitch["videos"]
 
 
 def _assert_matched_tracks_share_ids(out, images, dets) -> None:
@@ -118,7 +121,7 @@ def _assert_matched_tracks_share_ids(out, images, dets) -> None:
     crossings = 0
     for shards in by_video.values():
         shards.sort(key=lambda r: r["frame_start"])
-        tables = [pq.read_table(os.path.join(out, staging_relpath(r["shard_id"]))) for r in shards]
+        tables = [pq.read_table(os.path.join(out, staging_path(r["shard_id"]))) for r in shards]
         for (a, ra), (b, rb) in zip(zip(tables, shards), zip(tables[1:], shards[1:])):
             rows_a, rows_b = _rows(a), _rows(b)
             shared = {f for f, *_ in rows_a} & {f for f, *_ in rows_b}

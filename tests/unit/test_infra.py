@@ -20,8 +20,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from sam3ray.config import JobConfig
-from sam3ray.config_checks import redact
+from sam3ray.config import JobConfig, redact
 
 try:
     import tomllib
@@ -190,14 +189,15 @@ def test_cron_schedule() -> None:
 
 
 def test_entrypoint_config_is_in_configmap_and_validates(tmp_path) -> None:
-    from sam3ray.prompts import load_concepts
+    from sam3ray.sources.prompts import load_concepts
+    from sam3ray.storage.location import Location
 
     _, cfg, data = _job_config()
     assert cfg.prompts.concepts.startswith("/config/")
     key = cfg.prompts.concepts.removeprefix("/config/")
     assert key in data, f"concepts table {key} not in the ConfigMap"
     (tmp_path / key).write_text(data[key])
-    concepts = load_concepts(str(tmp_path / key))
+    concepts = load_concepts(Location(str(tmp_path / key)))
     assert len(concepts) >= 1
     assert cfg.model.checkpoint.startswith("s3://"), "checkpoint from object storage"
     assert all(u.startswith("s3://") for u in cfg.input.uris)

@@ -21,27 +21,53 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3ray.config import ConfigError, InputConfig, JobConfig
-from sam3ray.config_checks import redact, validate_paths
-from sam3ray.decode import DecodeError, decode_image
-from sam3ray.inputs import InputError, image_id_for, list_inputs, read_bytes
+from sam3ray.config import (
+    ConfigError,
+    InferenceConfig,
+    InputConfig,
+    JobConfig,
+    ResourcesConfig,
+    redact,
+    validate_paths,
+)
+from sam3ray.core.errors import DecodeError, InputError, PromptTableError
+from sam3ray.core.ids import input_id
+from sam3ray.core.shards import Shard
 from sam3ray.model.loader import CheckpointError, read_checkpoint
-from sam3ray.output import ShardWriter, detections_relpath
-from sam3ray.output_schema import detections_table, images_table
-from sam3ray.prompts import PromptTableError, load_concepts
-from sam3ray.stages import decode_shard
-from tests.faults.bad_inputs import DEFAULT_MAX_PIXELS, encode, png_bomb
-from tests.faults.s3proxy import FlakyS3Proxy
+from sam3ray.output.layout import detections_path
+from sam3ray.output.schema import detections_table, images_table
+from sam3ray.output.writer import ShardOutput, ShardWriter
+from sam3ray.sources.images import decode_image
+from sam3ray.sources.listing import list_inputs
+from sam3ray.sources.prompts import load_concepts
+from sam3ray.stages.decode import DecodeStage
+from sam3ray.stages.tasks import DecodedShard, ShardTask
+from sam3ray.storage.location import Location
+from tests.support.bad_inputs import DEFAULT_MAX_PIXELS, png_bomb
+from tests.support.images import encode
+from tests.support.jobs import THING
+from tests.support.s3proxy import FlakyS3Proxy
 
-CID = "3f0b6a52-7c1e-4d2a-9b8f-1e2d3c4b5a60"
+CID = THING  # a canonical UUID
 EVIL = "../../../../tmp/evil/..\\x"
+
+
+def write_shard(out: Path, shard_id: str, det, img) -> None:
+    ShardWriter(Location(str(out))).write(ShardOutput(shard_id, "h", "", "r1", det, img))
+
+
+def decode(input_cfg: InputConfig, uris: list[str], image_ids: list[str]) -> DecodedShard:
+    """What the job's decode stage makes of one shard of ``uris`` (``max_imgsz`` 64)."""
+    shard = Shard("s1", "image", tuple(uris), tuple(image_ids), "h")
+    stage = DecodeStage(input_cfg, InferenceConfig(max_imgsz=64), ResourcesConfig())
+    return stage.process(ShardTask(shard))
 
 
 # -- 1. path components -------------------------------------------------------------------
 
 
 def _shard_tables(uri: str, concept: str, class_id: str = CID):
-    image_id = image_id_for(uri)
+    image_id = input_id(uri)
     det = detections_table(
         [
             {
@@ -82,14 +108,14 @@ def _shard_tables(uri: str, concept: str, class_id: str = CID):
 def test_concept_names_and_texts_never_become_paths(tmp_path):
     table = tmp_path / "concepts.csv"
     table.write_text(f"class_id,name,text\n{CID.upper()},{EVIL},a/../b\n", encoding="utf-8")
-    (concept,) = load_concepts(str(table)).concepts
+    (concept,) = load_concepts(Location(str(table))).concepts
     assert concept.class_id == CID  # canonical form: the only thing a path is made of
     uri = "s3://bucket/img.png"
     det, img = _shard_tables(uri, concept.name)
     out = tmp_path / "out"
-    ShardWriter(str(out)).write_shard("s" + image_id_for(uri), "h", det, img, "r1")
+    write_shard(out, "s" + input_id(uri), det, img)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    shard = "s" + image_id_for(uri)
+    shard = "s" + input_id(uri)
     assert files == [
         f"_markers/{shard}.json",
         f"detections/class_id={CID}/part-{shard}.parquet",
@@ -107,17 +133,17 @@ def test_class_ids_that_are_not_uuids_stop_the_job_at_the_table(tmp_path, bad):
     table = tmp_path / "concepts.csv"
     table.write_text(f"class_id,name,text\n{CID},ok,ok\n{bad},x,x\n", encoding="utf-8")
     with pytest.raises(PromptTableError, match="row 3: class_id"):
-        load_concepts(str(table))
+        load_concepts(Location(str(table)))
 
 
 @pytest.mark.parametrize("bad", ["../x", CID.upper(), "{" + CID + "}", f"{CID}/.."])
 def test_writer_refuses_non_canonical_class_ids_before_any_byte(tmp_path, bad):
     det, img = _shard_tables("s3://b/i.png", "thing", class_id=bad)
-    shard = "s" + image_id_for("s3://b/i.png")
+    shard = "s" + input_id("s3://b/i.png")
     with pytest.raises(ValueError, match="class_id"):
-        ShardWriter(str(tmp_path / "out")).write_shard(shard, "h", det, img, "r1")
+        write_shard(tmp_path / "out", shard, det, img)
     with pytest.raises(ValueError, match="class_id"):
-        detections_relpath(bad, "s1")
+        detections_path(bad, "s1")
     assert not (tmp_path / "out").exists()
 
 
@@ -205,7 +231,7 @@ def cli_logging():
     The CLI keeps botocore & co. at WARNING even with -v: botocore's own DEBUG
     output prints request headers, i.e. the access key id and any session token.
     """
-    from sam3ray.cli import _setup_logging
+    from sam3ray.cli.main import _setup_logging
 
     names = ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "filelock")
     saved = {n: logging.getLogger(n).level for n in names}
@@ -228,18 +254,12 @@ def test_credentials_stay_out_of_logs_errors_and_summaries(moto_s3, caplog, capf
             "client_kwargs": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"},
             "config_kwargs": {"retries": {"max_attempts": 1}},
         }
-        cfg = InputConfig(uris=[f"s3://{bucket}/in/"], storage_options=opts)
+        cfg = InputConfig(uris=[f"s3://{bucket}/in/"], storage_options=opts, max_pixels=10**6)
         refs = list_inputs(cfg)
-        row = {
-            "shard_id": "s1",
-            "members_hash": "h",
-            "uris": [r.uri for r in refs] + [f"s3://{bucket}/in/missing.png"],
-            "image_ids": [r.image_id for r in refs] + ["0" * 16],
-            "previous_files": [],
-        }
-        decoded = decode_shard(row, storage_options=opts, max_pixels=10**6, max_imgsz=64)
-        assert read_bytes(good, opts)
-    assert decoded["status"] == ["ok", "error"] and decoded["error_reasons"][1] == "not_found"
+        uris = [r.uri for r in refs] + [f"s3://{bucket}/in/missing.png"]
+        decoded = decode(cfg, uris, [r.image_id for r in refs] + ["0" * 16]).images
+        assert Location(good, opts).read_bytes()
+    assert [d.ok for d in decoded] == [True, False] and decoded[1].error_reason == "not_found"
     job = JobConfig.model_validate(
         {
             "input": {"uris": [good], "storage_options": opts},
@@ -254,7 +274,7 @@ def test_credentials_stay_out_of_logs_errors_and_summaries(moto_s3, caplog, capf
         "logs": caplog.text,
         "stdout": printed.out,
         "stderr": printed.err,
-        "errors": str(decoded["errors"]),
+        "errors": str([d.error for d in decoded]),
         "summary config": summary_config,
     }
     assert proxy.injected, "no retry path was exercised"
@@ -290,12 +310,10 @@ def test_bomb_limit_has_a_safe_default_and_is_configurable(tmp_path):
     # The configured limit is the one the job's decode stage applies.
     path = tmp_path / "img.png"
     Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
-    row = {"uris": [str(path)], "shard_id": "s", "image_ids": ["0" * 16]}
-    small = decode_shard(row, storage_options={}, max_pixels=9_999, max_imgsz=64)
-    assert small["error_reasons"] == ["too_large"]
-    assert decode_shard(row, storage_options={}, max_pixels=10_000, max_imgsz=64)["status"] == [
-        "ok"
-    ]
+    small = decode(InputConfig(uris=[str(path)], max_pixels=9_999), [str(path)], ["0" * 16])
+    assert [d.error_reason for d in small.images] == ["too_large"]
+    fits = decode(InputConfig(uris=[str(path)], max_pixels=10_000), [str(path)], ["0" * 16])
+    assert [d.ok for d in fits.images] == [True]
 
 
 # -- 6. manifests cannot escape the object store ------------------------------------------

@@ -1,0 +1,1 @@
+"""Plain types, ids, the one URI helper, masks, error types (no heavy imports, no I/O)."""

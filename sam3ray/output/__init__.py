@@ -1,0 +1,1 @@
+"""The output: its layout, schemas, markers, writer, reconciliation, readers, video state."""

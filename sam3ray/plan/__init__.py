@@ -1,0 +1,1 @@
+"""The job plan (reads only): shards for images and videos, fingerprints, resume decisions."""

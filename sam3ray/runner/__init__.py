@@ -1,0 +1,1 @@
+"""The only package that imports ray: the stage adapter, the pipelines, the job, submit."""

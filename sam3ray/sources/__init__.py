@@ -1,0 +1,1 @@
+"""What a job reads: input listings and manifests, image and video decoding, prompt tables."""

@@ -1,0 +1,5 @@
+"""Ray-free stages: decode, segment (images), track (videos), commit.
+
+Each has declared resources, ``setup()`` once and ``process(task)``; the runner
+turns them into Ray Data operators, and users' own code can call them directly.
+"""

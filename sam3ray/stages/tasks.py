@@ -1,0 +1,107 @@
+"""The typed hand-offs between stages (frozen values; the runner moves them whole).
+
+    ShardTask ──decode──► DecodedShard ──segment──► ShardResult ──commit──► CommitSummary
+    ShardTask ──────────────track─────────────────► ShardResult ──commit──► CommitSummary
+
+Images and videos share every type; a video result also carries its staging
+table (all decoded frames with local track ids) for the stitch pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from sam3ray.core.shards import Shard
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to label, and the files an earlier commit of it wrote (to replace)."""
+
+    shard: Shard
+    previous_files: tuple[str, ...] = ()
+
+    @property
+    def shard_id(self) -> str:
+        return self.shard.shard_id
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One input after decoding: pixels and original size, or why there are none."""
+
+    uri: str
+    image_id: str
+    pixels: np.ndarray | None  # H×W×3 uint8, possibly shrunk (see orig_size)
+    orig_size: tuple[int, int] | None  # (height, width) of the upright original
+    decode_ms: float
+    error: str | None = None
+    error_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_reason is None
+
+
+@dataclass(frozen=True)
+class DecodedShard:
+    task: ShardTask
+    images: tuple[DecodedImage, ...]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Which process produced a result, and when it loaded its model."""
+
+    pid: int
+    setup_at: float  # wall clock of the model load: one value per model load
+    setup_s: float
+    model: str
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """A labelled shard, ready to commit: detection rows and one images row per input."""
+
+    task: ShardTask
+    detections: pa.Table
+    images: pa.Table
+    worker: WorkerInfo
+    finished_at: float
+    staging: pa.Table | None = None  # video only: every decoded frame, local track ids
+
+
+@dataclass(frozen=True)
+class CommitSummary:
+    """What the driver keeps per committed shard (a few hundred bytes)."""
+
+    shard_id: str
+    kind: str
+    n_inputs: int
+    n_ok: int
+    n_error: int
+    n_detections: int
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    detections_by_concept: dict[str, int] = field(default_factory=dict)
+    worker: WorkerInfo | None = None
+    finished_at: float = 0.0
+
+    @classmethod
+    def of(cls, result: ShardResult, n_ok: int, n_error: int) -> CommitSummary:
+        img, det = result.images, result.detections
+        return cls(
+            shard_id=result.task.shard_id,
+            kind=result.task.shard.kind,
+            n_inputs=img.num_rows,
+            n_ok=n_ok,
+            n_error=n_error,
+            n_detections=det.num_rows,
+            errors_by_reason=dict(Counter(r for r in img.column("error_reason").to_pylist() if r)),
+            detections_by_concept=dict(Counter(det.column("concept").to_pylist())),
+            worker=result.worker,
+            finished_at=result.finished_at,
+        )

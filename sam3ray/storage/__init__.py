@@ -1,0 +1,1 @@
+"""``Location`` (a URI with its storage options) and the one retry policy."""

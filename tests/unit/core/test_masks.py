@@ -1,0 +1,136 @@
+"""COCO RLE, IoU, boxes and polygons of sam3ray.core.masks against plain numpy truths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from sam3ray.core.masks import (
+    decode_rle,
+    encode_rle,
+    encode_rle_batch,
+    mask_to_polygons,
+    rle_bbox,
+    rle_iou,
+)
+
+
+def blobs(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """n random boolean masks: a few filled rectangles each, plus salt noise."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, h, w), bool)
+    for m in out:
+        for _ in range(3):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] = True
+        m ^= rng.random((h, w)) < 0.02
+    return out
+
+
+def np_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.logical_and(a, b).sum() / np.logical_or(a, b).sum())
+
+
+def rasterise(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
+    """How COCO tools (and Label Studio / CVAT imports) turn polygons back into pixels."""
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))).astype(bool)
+
+
+SHAPES = [(1, 1), (1, 17), (23, 1), (37, 53), (64, 48)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rle_round_trip_is_exact(shape):
+    for m in [*blobs(3, *shape), np.zeros(shape, bool), np.ones(shape, bool)]:
+        counts, area = encode_rle(m)
+        assert isinstance(counts, bytes)
+        assert area == int(m.sum())
+        back = decode_rle(counts, shape)
+        assert back.dtype == bool and back.shape == shape
+        assert np.array_equal(back, m)
+
+
+def test_rle_accepts_uint8_and_non_contiguous_views():
+    m = blobs(1, 40, 60)[0]
+    view = m.T[::2]  # neither C- nor Fortran-contiguous
+    assert not view.flags["C_CONTIGUOUS"] and not view.flags["F_CONTIGUOUS"]
+    counts, area = encode_rle(view)
+    assert np.array_equal(decode_rle(counts, view.shape), view) and area == view.sum()
+    assert encode_rle(m.astype(np.uint8)) == encode_rle(m)
+
+
+def test_batch_encode_equals_single_encode():
+    masks = blobs(7, 31, 45, seed=3)
+    assert encode_rle_batch(masks) == [encode_rle(m) for m in masks]
+    strided = masks[::2]  # a view, as the engine may pass
+    assert encode_rle_batch(strided) == [encode_rle(m) for m in strided]
+    assert encode_rle_batch(np.zeros((0, 5, 5), bool)) == []
+
+
+def test_wrong_dimensions_are_refused():
+    with pytest.raises(ValueError, match="2-D"):
+        encode_rle(np.zeros((2, 3, 4), bool))
+    with pytest.raises(ValueError, match="N×H×W"):
+        encode_rle_batch(np.zeros((3, 4), bool))
+
+
+def test_rle_iou_equals_pixel_iou():
+    masks = blobs(6, 50, 70, seed=5)
+    enc = [encode_rle(m)[0] for m in masks]
+    for i in range(len(masks)):
+        assert rle_iou(enc[i], enc[i], (50, 70)) == pytest.approx(1.0)
+        for j in range(i + 1, len(masks)):
+            assert rle_iou(enc[i], enc[j], (50, 70)) == pytest.approx(np_iou(masks[i], masks[j]))
+    a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[:5], b[5:] = True, True
+    assert rle_iou(encode_rle(a)[0], encode_rle(b)[0], (10, 10)) == 0.0
+
+
+def test_rle_bbox_is_the_tight_pixel_edge_box():
+    m = np.zeros((20, 30), bool)
+    m[3:8, 5:12] = True
+    m[15, 2] = True
+    assert rle_bbox(encode_rle(m)[0], (20, 30)) == (2.0, 3.0, 12.0, 16.0)
+    assert rle_bbox(encode_rle(np.zeros((4, 4), bool))[0], (4, 4)) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_polygons_of_blobs_rasterise_back_to_the_mask():
+    h, w = 100, 120
+    yy, xx = np.mgrid[:h, :w]
+    disc = (xx - 40) ** 2 + (yy - 50) ** 2 < 25**2
+    square = (xx >= 80) & (xx < 110) & (yy >= 20) & (yy < 60)
+    m = disc | square
+    polys = mask_to_polygons(m)
+    assert len(polys) == 2  # two separate objects
+    for p in polys:
+        assert len(p) >= 6 and len(p) % 2 == 0
+        xs, ys = p[0::2], p[1::2]
+        assert min(xs) >= 0 and min(ys) >= 0 and max(xs) <= w and max(ys) <= h
+    assert np_iou(rasterise(polys, h, w), m) >= 0.95
+    assert mask_to_polygons(np.zeros((h, w), bool)) == []
+
+
+def test_polygons_use_coco_pixel_edge_coordinates():
+    """COCO polygons are in pixel-edge coordinates: the outline of pixels
+    x0..x1-1, y0..y1-1 runs from (x0, y0) to (x1, y1) (``rasterise`` of that square
+    gives back exactly those pixels). mask_to_polygons returns marching-squares
+    coordinates around pixel centres, half a pixel up-left of that."""
+    m = np.zeros((60, 80), bool)
+    m[10:40, 20:60] = True
+    (poly,) = mask_to_polygons(m)
+    xs, ys = poly[0::2], poly[1::2]
+    assert rasterise([[20, 10, 60, 10, 60, 40, 20, 40]], 60, 80).tolist() == m.tolist()
+    extents = (min(xs), min(ys), max(xs), max(ys))
+    assert max(abs(a - b) for a, b in zip(extents, (20, 10, 60, 40))) <= 0.5, extents
+
+
+def test_polygons_are_outer_contours_only():
+    """The docstring promises outer contours. A hole's contour returned as one more
+    polygon becomes a separate filled region of the class in polygon-based label
+    tools (Label Studio, CVAT): the hole would be labelled as the object."""
+    ring = np.zeros((40, 40), bool)
+    ring[5:35, 5:35] = True
+    ring[15:25, 15:25] = False
+    polys = mask_to_polygons(ring)
+    assert len(polys) == 1

@@ -1,0 +1,547 @@
+"""Sam3Engine on the tiny random-weight SAM 3.
+
+Fidelity to the official ``Sam3Processor`` (one image, one prompt at a time),
+the work sharing that makes the engine worth having (backbone once per image,
+text encoder once per unique text), every post-processing knob against a known
+outcome derived from the engine's own unfiltered output, and input validation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam3ray import Concept, ConceptSet, Exemplar, InferenceConfig, Sam3Engine
+from sam3ray.core.masks import decode_rle, rle_iou
+from sam3ray.sources.images import downscale_long_side
+from tests.support.images import scene
+
+RESOLUTION = 336  # Sam3Arch.tiny()
+CAT = "0b0c7f5e-0000-4000-8000-000000000001"
+DOG = "0b0c7f5e-0000-4000-8000-000000000002"
+BIRD = "0b0c7f5e-0000-4000-8000-000000000003"
+THING = "0b0c7f5e-0000-4000-8000-000000000004"
+#: No post-processing at all: every one of the 20 decoder queries of every prompt.
+RAW = InferenceConfig(conf=0.0, nms=False, max_det=100_000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def box_xyxy(h: int, w: int, fx0: float, fy0: float, fx1: float, fy1: float):
+    return (round(fx0 * w, 1), round(fy0 * h, 1), round(fx1 * w, 1), round(fy1 * h, 1))
+
+
+def cxcywh_norm(coords, h: int, w: int) -> list[float]:
+    """The same normalisation the engine applies (queries.build_queries)."""
+    x0, y0, x1, y1 = coords
+    return [(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h]
+
+
+def by_class(dets, class_id: str):
+    return [d for d in dets if d.class_id == class_id]
+
+
+def key(d) -> tuple:
+    """Identity of a detection for set comparisons (exact floats: same forward pass)."""
+    return (d.class_id, d.query, d.score, d.box)
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def greedy_nms(dets, iou: float):
+    """Brute-force per-class greedy NMS over a detection list (score order, ties by position)."""
+    kept = []
+    for cls in dict.fromkeys(d.class_id for d in dets):
+        cands = sorted(by_class(dets, cls), key=lambda d: -d.score)
+        keep: list = []
+        for d in cands:
+            if all(box_iou(d.box, k.box) <= iou for k in keep):
+                keep.append(d)
+        kept.extend(keep)
+    return kept
+
+
+@dataclass
+class Calls:
+    """Real forward calls of the vision trunk and the text encoder, with their batch sizes."""
+
+    vision: list[int] = field(default_factory=list)
+    text: list[list[str]] = field(default_factory=list)
+
+
+@pytest.fixture
+def calls(tiny_model):
+    """Count real backbone calls with forward hooks.
+
+    ``SAM3VLBackbone`` invokes ``vision_backbone.forward(...)`` directly, which
+    bypasses module hooks, so the hook sits on its ViT trunk (called normally,
+    once per vision-backbone forward). The text encoder is called normally.
+    """
+    rec = Calls()
+    backbone = tiny_model.backbone
+    handles = [
+        backbone.vision_backbone.trunk.register_forward_pre_hook(
+            lambda _m, args: rec.vision.append(int(args[0].shape[0]))
+        ),
+        backbone.language_backbone.register_forward_pre_hook(
+            lambda _m, args: rec.text.append(list(args[0]))
+        ),
+    ]
+    yield rec
+    for h in handles:
+        h.remove()
+
+
+# --------------------------------------------------------------------------- fidelity
+
+FIDELITY_SIZES = [(200, 300), (336, 240), (160, 160)]
+FIDELITY_CONF = 0.5
+
+
+def fidelity_inputs():
+    images = [scene(10 + i, (h, w)) for i, (h, w) in enumerate(FIDELITY_SIZES)]
+    concepts = ConceptSet(
+        (
+            Concept(CAT, "cat", ("cat",)),  # text only
+            Concept(DOG, "dog", ("dog",)),  # text + positive box
+            Concept(BIRD, "bird", ("bird",)),  # text + negative box
+            Concept(THING, "thing", ()),  # box only ("visual")
+        )
+    )
+    exemplars, plan = [], []
+    for h, w in FIDELITY_SIZES:
+        pos = box_xyxy(h, w, 0.15, 0.2, 0.6, 0.75)
+        neg = box_xyxy(h, w, 0.5, 0.45, 0.95, 0.95)
+        exemplars.append(
+            {
+                DOG: [Exemplar("box", pos, positive=True)],
+                BIRD: [Exemplar("box", neg, positive=False)],
+                THING: [Exemplar("box", pos, positive=True)],
+            }
+        )
+        plan.append(
+            {
+                CAT: ("cat", None, None, 'text:"cat"'),
+                DOG: ("dog", pos, True, 'text:"dog" +1 box'),
+                BIRD: ("bird", neg, False, 'text:"bird" -1 box'),
+                THING: (None, pos, True, "visual +1 box"),
+            }
+        )
+    return images, concepts, exemplars, plan
+
+
+def reference_detections(processor, image: np.ndarray, text, box, positive):
+    """The official path, one image and one prompt at a time, boxes clamped like the engine's."""
+    h, w = image.shape[:2]
+    state = processor.set_image(Image.fromarray(image))  # fresh state per query
+    if text is not None:
+        state = processor.set_text_prompt(text, state)
+    if box is not None:
+        state = processor.add_geometric_prompt(cxcywh_norm(box, h, w), positive, state)
+    boxes = state["boxes"].float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    order = torch.argsort(state["scores"], descending=True, stable=True)
+    return (
+        state["scores"][order].tolist(),
+        boxes[order].tolist(),
+        state["masks"][order, 0].numpy(),
+    )
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_fidelity_to_official_sam3_processor(tiny_model):
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    images, concepts, exemplars, plan = fidelity_inputs()
+    cfg = InferenceConfig(conf=FIDELITY_CONF, nms=False, max_det=100_000)
+    engine = Sam3Engine(tiny_model, concepts, cfg, device="cpu")
+    got = engine.predict(images, exemplars)
+    processor = Sam3Processor(
+        tiny_model, resolution=RESOLUTION, device="cpu", confidence_threshold=FIDELITY_CONF
+    )
+    compared = 0
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        for class_id, (text, box, positive, label) in plan[i].items():
+            ref_scores, ref_boxes, ref_masks = reference_detections(
+                processor, image, text, box, positive
+            )
+            mine = by_class(got[i], class_id)  # engine output is sorted by score
+            where = f"image {i} ({h}x{w}), {label}"
+            assert len(mine) == len(ref_scores), where
+            for d, s, b, m in zip(mine, ref_scores, ref_boxes, ref_masks):
+                assert d.query == label, where
+                assert d.mask_size == (h, w)
+                assert abs(d.score - s) <= 1e-4, where
+                assert max(abs(x - y) for x, y in zip(d.box, b)) <= 0.5, where
+                mask = decode_rle(d.mask_rle, d.mask_size)
+                assert mask_iou(mask, m) >= 0.99, where
+                assert d.area == int(mask.sum())
+                compared += 1
+    # Not vacuous: detections were compared and the threshold rejected some.
+    assert compared >= 20
+    assert compared < len(images) * 4 * 20
+
+
+# --------------------------------------------------------------------------- work sharing
+
+
+def test_backbone_once_per_image_text_encoder_once_per_unique_text(tiny_model, calls):
+    concepts = ConceptSet(
+        (
+            Concept(CAT, "cat", ("cat", "kitten")),
+            Concept(DOG, "dog", ("dog",)),
+            Concept(BIRD, "bird", ("dog", "puppy")),  # shares the text "dog" with DOG
+            Concept(THING, "thing", ()),  # exemplars only -> the "visual" text
+        )
+    )
+    images = [scene(i, (96 + 16 * i, 128)) for i in range(4)]
+    ex = [
+        {THING: [Exemplar("box", (10, 10, 60, 60))]},
+        None,
+        {THING: [Exemplar("point", (5, 5))]},
+        None,
+    ]
+    engine = Sam3Engine(tiny_model, concepts, InferenceConfig(queries_per_forward=4), device="cpu")
+
+    engine.predict(images, ex)
+    n_queries = 4 * (2 + 1 + 2) + 2  # 5 text queries per image + 2 exemplar-only queries
+    assert calls.vision == [4]  # one backbone forward for the whole batch
+    assert len(calls.text) == 1  # one text-encoder forward ...
+    assert sorted(calls.text[0]) == ["cat", "dog", "kitten", "puppy", "visual"]  # ... each once
+    s = engine.stats
+    assert (s.images, s.backbone_images, s.texts_encoded) == (4, 4, 5)
+    assert s.queries == n_queries
+    assert s.grounding_forwards == math.ceil(n_queries / 4)
+
+    engine.predict(images[:2])  # more queries, no new text: the cache serves them
+    assert calls.vision == [4, 2]
+    assert len(calls.text) == 1
+    assert (s.images, s.backbone_images, s.texts_encoded) == (6, 6, 5)
+    assert s.queries == n_queries + 2 * 5
+
+    # The cache lives per engine: a new engine encodes its texts once more.
+    other = Sam3Engine(tiny_model, concepts, device="cpu")
+    other.predict(images[:1])
+    assert sorted(calls.text[1]) == ["cat", "dog", "kitten", "puppy"]
+    assert calls.vision == [4, 2, 1]
+
+
+def test_queries_per_forward_packing_does_not_change_results(tiny_model, monkeypatch):
+    import sam3ray.model.engine as engine_mod
+
+    images, concepts, exemplars, _ = fidelity_inputs()
+    big = InferenceConfig(conf=0.2, queries_per_forward=64)
+    one = Sam3Engine(
+        tiny_model, concepts, InferenceConfig(conf=0.2, queries_per_forward=1), device="cpu"
+    )
+    many = Sam3Engine(tiny_model, concepts, big, device="cpu")
+    capped = Sam3Engine(tiny_model, concepts, big, device="cpu")
+    a = one.predict(images, exemplars)
+    with monkeypatch.context() as m:  # lift the CPU cap: all 12 queries in one pack
+        m.setattr(engine_mod, "CPU_QUERIES_PER_FORWARD", 64)
+        b = many.predict(images, exemplars)
+    c = capped.predict(images, exemplars)
+    assert one.stats.grounding_forwards == 12
+    assert many.stats.grounding_forwards == 1
+    # on CPU packs are capped at CPU_QUERIES_PER_FORWARD (8): 12 -> 8 + 4
+    assert engine_mod.CPU_QUERIES_PER_FORWARD == 8
+    assert capped.stats.grounding_forwards == 2
+    for x, y in zip(b, c, strict=True):
+        assert [d.class_id for d in x] == [d.class_id for d in y]
+        assert all(abs(p.score - q.score) <= 1e-5 for p, q in zip(x, y, strict=True))
+    assert sum(map(len, a)) > 0
+    for da, db in zip(a, b):
+        assert [(d.class_id, d.query) for d in da] == [(d.class_id, d.query) for d in db]
+        for x, y in zip(da, db):
+            assert abs(x.score - y.score) <= 1e-5
+            assert max(abs(p - q) for p, q in zip(x.box, y.box)) <= 1e-3
+            assert rle_iou(x.mask_rle, y.mask_rle, x.mask_size) >= 0.999
+
+
+def test_point_exemplar_runs_and_changes_the_output(tiny_model):
+    image = scene(3, (200, 240))
+    concepts = ConceptSet((Concept(CAT, "cat", ("cat",)),))
+    engine = Sam3Engine(tiny_model, concepts, RAW, device="cpu")
+    text_only = engine.predict([image])[0]
+    with_point = engine.predict([image], [{CAT: [Exemplar("point", (120.0, 90.0))]}])[0]
+    assert len(text_only) == len(with_point) == 20
+    assert {d.query for d in with_point} == {'text:"cat" +1 point'}
+    a = sorted(d.score for d in text_only)
+    b = sorted(d.score for d in with_point)
+    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3
+
+
+def test_kept_mask_logits_do_not_pin_whole_packs(tiny_model, monkeypatch):
+    """Memory regression (white-box): candidates waiting for post-processing must hold
+    only their own low-res mask logits, not views pinning each pack's full
+    queries × num_queries × h' × w' tensor until the batch ends (GBs at full size)."""
+    import sam3ray.model.engine as engine_mod
+
+    held: list[list[torch.Tensor]] = []
+    finish = engine_mod.Sam3Engine._finish
+
+    def spy(self, index, acc, size):
+        held.append([c.mask_logits for c in acc.candidates])
+        return finish(self, index, acc, size)
+
+    monkeypatch.setattr(engine_mod.Sam3Engine, "_finish", spy)
+    images = [scene(1, (100, 120)), scene(2, (120, 100))]
+    engine = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=0.8, queries_per_forward=2), device="cpu"
+    )
+    engine.predict(images)
+    tensors = [t for per_image in held for t in per_image]
+    assert 0 < len(tensors) < 2 * 3 * 20  # the threshold dropped most candidates
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    assert sum(storages.values()) <= own
+
+
+# --------------------------------------------------------------------------- post-processing
+
+KNOB_CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat", "kitten")), Concept(DOG, "dog", ("dog",))))
+
+
+@pytest.fixture(scope="module")
+def knob_images():
+    return [scene(21, (180, 240)), scene(22, (240, 200))]
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_model, knob_images):
+    """The engine's own unfiltered output (no threshold, no NMS, no cap)."""
+    out = Sam3Engine(tiny_model, KNOB_CONCEPTS, RAW, device="cpu").predict(knob_images)
+    assert [len(o) for o in out] == [60, 60]  # 3 queries × 20 decoder queries
+    return out
+
+
+def test_conf_keeps_exactly_the_scores_above_it(tiny_model, knob_images, raw):
+    conf = 0.5
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=conf, nms=False), device="cpu"
+    ).predict(knob_images)
+    for g, r in zip(got, raw):
+        expected = [key(d) for d in r if d.score >= conf]
+        assert 0 < len(expected) < len(r)
+        assert [key(d) for d in g] == expected
+
+
+def test_per_concept_min_score_overrides_conf(tiny_model, knob_images, raw):
+    concepts = ConceptSet(
+        (Concept(CAT, "cat", ("cat", "kitten"), min_score=0.8), Concept(DOG, "dog", ("dog",)))
+    )
+    cfg = InferenceConfig(conf=0.3, nms=False)
+    got = Sam3Engine(tiny_model, concepts, cfg, device="cpu").predict(knob_images)
+    for g, r in zip(got, raw):
+        for cls, thr in ((CAT, 0.8), (DOG, 0.3)):
+            expected = [key(d) for d in by_class(r, cls) if d.score >= thr]
+            assert [key(d) for d in by_class(g, cls)] == expected
+    cats = [d for g in got for d in by_class(g, CAT)]
+    low_cats = [d for r in raw for d in by_class(r, CAT) if 0.3 <= d.score < 0.8]
+    assert low_cats and all(d.score >= 0.8 for d in cats)  # the override had work to do
+
+
+def test_max_det_keeps_the_top_scores(tiny_model, knob_images, raw):
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=0.0, nms=False, max_det=7), device="cpu"
+    ).predict(knob_images)
+    for g, r in zip(got, raw):
+        assert [key(d) for d in g] == [key(d) for d in r[:7]]
+        assert [d.score for d in r] == sorted((d.score for d in r), reverse=True)
+
+
+@pytest.mark.parametrize("iou", [0.7, 0.5])
+def test_nms_equals_brute_force_greedy_nms_over_the_raw_output(tiny_model, knob_images, raw, iou):
+    """nms=True keeps exactly what greedy per-class NMS over the nms=False output keeps."""
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=0.0, iou=iou, nms=True), device="cpu"
+    ).predict(knob_images)
+    for g, r in zip(got, raw):
+        expected = greedy_nms(r, iou)
+        assert len(expected) < len(r)
+        assert sorted(key(d) for d in g) == sorted(key(d) for d in expected)
+
+
+@pytest.mark.parametrize("iou", [0.7, 0.5])
+def test_nms_no_two_returned_boxes_of_a_class_overlap_more_than_iou(tiny_model, knob_images, iou):
+    """The invariant a user relies on, checked on the boxes the engine returns."""
+    got = Sam3Engine(
+        tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=0.0, iou=iou, nms=True), device="cpu"
+    ).predict(knob_images)
+    for i, g in enumerate(got):
+        for cls in (CAT, DOG):
+            kept = by_class(g, cls)
+            over = [
+                (a.box, b.box, round(box_iou(a.box, b.box), 3))
+                for n, a in enumerate(kept)
+                for b in kept[n + 1 :]
+                if box_iou(a.box, b.box) > iou
+            ]
+            assert over == [], f"image {i}, class {cls}: kept pairs overlapping > {iou}"
+
+
+def test_synonyms_of_one_class_are_merged_by_nms(tiny_model, knob_images, raw):
+    cfg = InferenceConfig(conf=0.3, iou=0.5, nms=True)
+    got = Sam3Engine(tiny_model, KNOB_CONCEPTS, cfg, device="cpu").predict(knob_images)
+    for g, r in zip(got, raw):
+        cats_raw = [d for d in by_class(r, CAT) if d.score >= 0.3]
+        per_text = Counter(d.query for d in cats_raw)
+        assert set(per_text) == {'text:"cat"', 'text:"kitten"'}
+        cats = by_class(g, CAT)
+        assert 0 < len(cats) < sum(per_text.values())
+        # Every kept detection is one of the raw ones and still names the text that found it.
+        assert {key(d) for d in cats} <= {key(d) for d in cats_raw}
+        assert {d.query for d in cats} <= {'text:"cat"', 'text:"kitten"'}
+        assert all(d.concept == "cat" for d in cats)
+
+
+def test_max_imgsz_equals_predownscaled_image_with_boxes_scaled_back(tiny_model):
+    big = scene(5, (240, 320))  # long side 320 > max_imgsz 160 -> 120x160
+    small = downscale_long_side(big, 160)
+    assert small.shape == (120, 160, 3)
+    concepts = ConceptSet((Concept(CAT, "cat", ("cat",)),))
+    limited = Sam3Engine(
+        tiny_model, concepts, InferenceConfig(conf=0.3, nms=False, max_imgsz=160), device="cpu"
+    )
+    plain = Sam3Engine(tiny_model, concepts, InferenceConfig(conf=0.3, nms=False), device="cpu")
+
+    got = limited.predict([big])[0]
+    ref_small = plain.predict([small])[0]
+    ref_orig = plain.predict([small], orig_sizes=[(240, 320)])[0]
+    unlimited = plain.predict([big])[0]
+
+    assert len(got) == len(ref_small) == len(ref_orig) > 0
+    for d, s, o in zip(got, ref_small, ref_orig):
+        assert d.score == s.score == o.score
+        assert d.mask_size == (240, 320) and s.mask_size == (120, 160)
+        assert max(abs(a - 2 * b) for a, b in zip(d.box, s.box)) <= 1e-3
+        assert d.mask_rle == o.mask_rle
+    # The limit did something: without it the model saw different pixels.
+    assert [d.score for d in unlimited] != [d.score for d in got]
+
+
+# --------------------------------------------------------------------------- model.dtype
+
+
+def _linear_output_dtypes(model):
+    """Record the output dtype of every nn.Linear call (autocast shows up there)."""
+    seen: list[torch.dtype] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    return seen, handles
+
+
+def test_bfloat16_runs_under_cpu_autocast_and_stays_close_to_float32(tiny_model, knob_images):
+    """model.dtype="bfloat16" on CPU: every linear layer computes in bf16 (autocast on
+    the CPU), the output has the same shape as float32's and scores within bf16 noise,
+    while the float32 run stays in float32 ("auto" on CPU means float32)."""
+    assert Sam3Engine(tiny_model, KNOB_CONCEPTS, RAW, device="cpu").dtype == "float32"
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Sam3Engine(tiny_model, KNOB_CONCEPTS, RAW, device="cpu", dtype=dtype)
+        assert engine.dtype == dtype
+        seen, handles = _linear_output_dtypes(tiny_model)
+        try:
+            runs[dtype] = engine.predict(knob_images)
+        finally:
+            for h in handles:
+                h.remove()
+        assert seen and set(seen) == {getattr(torch, dtype)}, dtype
+    fp32, bf16 = runs["float32"], runs["bfloat16"]
+    diffs = []
+    for a, b, image in zip(fp32, bf16, knob_images, strict=True):
+        h, w = image.shape[:2]
+        assert len(a) == len(b) == 60
+        assert Counter(d.query for d in a) == Counter(d.query for d in b)
+        for d in b:
+            assert math.isfinite(d.score) and 0.0 <= d.score <= 1.0
+            assert 0 <= d.box[0] <= d.box[2] <= w and 0 <= d.box[1] <= d.box[3] <= h
+            assert d.mask_size == (h, w)
+        sa, sb = sorted(d.score for d in a), sorted(d.score for d in b)
+        diffs += [abs(x - y) for x, y in zip(sa, sb)]
+    assert max(diffs) <= 0.05  # bf16 rounding, not a different model
+    assert max(diffs) > 0  # and bf16 really ran: the numbers moved
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat",)), Concept(THING, "thing", ())))
+
+
+def _rgb(h: int = 64, w: int = 80) -> np.ndarray:
+    return scene(1, (h, w))
+
+
+BAD_INPUTS = {
+    "empty batch": ([], None, "empty batch"),
+    "grayscale array": ([_rgb(), _rgb()[..., 0]], None, r"image 1: .*RGB"),
+    "RGBA array": ([_rgb(), _rgb(), np.zeros((64, 80, 4), np.uint8)], None, r"image 2: .*RGB"),
+    "float array": ([_rgb().astype(np.float32)], None, r"image 0: .*uint8"),
+    "not an array": ([_rgb(), Image.fromarray(_rgb())], None, r"image 1: .*numpy"),
+    "box outside the image": (
+        [_rgb(), _rgb()],
+        [None, {THING: [Exemplar("box", (10, 10, 90, 50))]}],
+        rf"image 1, class {THING}: .*outside the 80x64 image",
+    ),
+    "box with x1 < x0": (
+        [_rgb()],
+        [{THING: [Exemplar("box", (50, 10, 20, 40))]}],
+        rf"image 0, class {THING}: .*x1 > x0",
+    ),
+    "NaN coordinate": (
+        [_rgb(), _rgb()],
+        [None, {CAT: [Exemplar("point", (float("nan"), 3.0))]}],
+        rf"image 1, class {CAT}: .*finite",
+    ),
+    "unknown class": (
+        [_rgb()],
+        [{"no-such-class": [Exemplar("point", (3.0, 3.0))]}],
+        r"image 0: .*unknown class_id no-such-class",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_the_item_before_any_work(tiny_model, calls, case):
+    images, exemplars, message = BAD_INPUTS[case]
+    engine = Sam3Engine(tiny_model, BAD_CONCEPTS, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        engine.predict(images, exemplars)
+    # No partial work or output: the model never ran and no counter moved.
+    assert calls.vision == [] and calls.text == []
+    assert engine.stats.images == engine.stats.backbone_images == engine.stats.queries == 0
+    # The same engine still serves a good batch afterwards.
+    assert len(engine.predict([_rgb()])) == 1
+
+
+def test_zero_concepts_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="concept set is empty"):
+        Sam3Engine(tiny_model, ConceptSet(()), device="cpu")
