@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sam3ray.cli import analytics, submit
+    from sam3ray.cli import analytics, plan, submit
 
     p = argparse.ArgumentParser(prog="sam3ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--generated", type=int, default=24)
     sample.set_defaults(func=cmd_sample_data)
 
+    plan.register(sub)
     analytics.register(sub)
     submit.register(sub)
     return p

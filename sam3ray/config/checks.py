@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from sam3ray.config.schema import JobConfig, is_hub_id
 from sam3ray.core.errors import ConfigError
-from sam3ray.core.uri import covers, hide_userinfo
+from sam3ray.core.uri import covers, has_glob, hide_userinfo
 from sam3ray.storage.location import Location
 
 _SECRET_TOKENS = {"key", "secret", "token", "password", "passwd", "credentials", "credential"}
@@ -74,8 +74,15 @@ def validate_paths(cfg: JobConfig) -> None:
     _check_exists(cfg, "prompts.concepts", cfg.input.location(cfg.prompts.concepts))
     if cfg.prompts.geometric:
         _check_exists(cfg, "prompts.geometric", cfg.input.location(cfg.prompts.geometric))
-    if cfg.input.manifest:
-        _check_exists(cfg, "input.manifest", cfg.input.location(cfg.input.manifest))
+    for i, manifest in enumerate(cfg.input.manifests()):
+        loc = cfg.input.location(manifest)
+        if not has_glob(loc.path):
+            field = (
+                "input.manifest" if isinstance(cfg.input.manifest, str) else f"input.manifest[{i}]"
+            )
+            _check_exists(cfg, field, loc)
+    if cfg.input.inventory:
+        _check_exists(cfg, "input.inventory", cfg.input.location(cfg.input.inventory))
     ckpt = cfg.model.checkpoint
     if not (is_hub_id(ckpt) and not os.path.exists(ckpt)) and not ckpt.startswith("hf://"):
         _check_exists(cfg, "model.checkpoint", cfg.checkpoint_location)

@@ -96,8 +96,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if inp is not None:
         if isinstance(inp.get("uris"), list):
             inp["uris"] = [_resolve_local(u, base) for u in inp["uris"]]
-        if "manifest" in inp:
+        if isinstance(inp.get("manifest"), list):
+            inp["manifest"] = [_resolve_local(m, base) for m in inp["manifest"]]
+        elif "manifest" in inp:
             inp["manifest"] = _resolve_local(inp["manifest"], base)
+        if "inventory" in inp:
+            inp["inventory"] = _resolve_local(inp["inventory"], base)
     for section, keys in ((prompts, ("concepts", "geometric")), (output, ("uri",))):
         for key in keys if section is not None else ():
             if key in section:

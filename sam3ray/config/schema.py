@@ -53,7 +53,16 @@ def is_hub_id(value: str) -> bool:
 class InputConfig(BaseModel):
     model_config = _STRICT
     uris: list[str] = Field([], description="Paths/URIs/globs: local, s3://b/p/**/*.jpg, gs://…")
-    manifest: str | None = Field(None, description="txt (one URI a line), CSV or Parquet (`uri`)")
+    manifest: str | list[str] | None = Field(
+        None,
+        description="Manifest file(s) or glob(s): txt (one URI a line), CSV or Parquet (`uri` "
+        "column); many files are read in parallel",
+    )
+    inventory: str | None = Field(
+        None,
+        description="S3 Inventory report: its manifest.json, or the folder of an inventory "
+        "configuration (the latest dated report is used); CSV, Parquet or ORC",
+    )
     storage_options: dict[str, Any] = Field(
         {}, description="fsspec/s3fs options: endpoint_url or client_kwargs, key/secret, anon…"
     )
@@ -72,15 +81,23 @@ class InputConfig(BaseModel):
 
     @model_validator(mode="after")
     def _need_some_input(self) -> InputConfig:
-        if not self.uris and not self.manifest:
-            raise ValueError("at least one of input.uris / input.manifest is required")
+        if not self.uris and not self.manifest and not self.inventory:
+            raise ValueError(
+                "at least one of input.uris / input.manifest / input.inventory is required"
+            )
         return self
+
+    def manifests(self) -> list[str]:
+        """``manifest`` as a list (one file, a glob, or several)."""
+        if self.manifest is None:
+            return []
+        return [self.manifest] if isinstance(self.manifest, str) else list(self.manifest)
 
     def local_allowed(self) -> bool:
         """Whether local paths may be read: a manifest on S3 must not reach into the host."""
         if self.allow_local is not None:
             return self.allow_local
-        sources = [*self.uris, *([self.manifest] if self.manifest else [])]
+        sources = [*self.uris, *self.manifests(), *([self.inventory] if self.inventory else [])]
         return not any(is_object_store(u) for u in sources)
 
     def location(self, uri: str) -> Location:
@@ -184,13 +201,20 @@ class ResourcesConfig(BaseModel):
 class OutputConfig(BaseModel):
     model_config = _STRICT
     uri: str = Field(..., description="Output prefix: local dir or s3://bucket/prefix")
-    mode: Literal["resume", "overwrite"] = Field("resume", description="Skip or redo done shards")
-    shard_size: int = Field(256, ge=1, description="Target images per shard")
-    retry_errors: bool = Field(False, description="On resume, redo inputs that ended in error")
+    mode: Literal["resume", "overwrite"] = Field(
+        "resume",
+        description="resume: label only what the output does not hold with the current "
+        "settings; overwrite: clear the output first",
+    )
+    shard_size: int = Field(
+        256, ge=1, description="Images per new shard (committed shards are never re-cut)"
+    )
+    retry_errors: bool = Field(False, description="Redo shards where an input ended in error")
     on_settings_change: Literal["redo", "refuse"] = Field(
         "redo",
-        description="On resume, shards labelled with other concepts, checkpoint or "
-        "thresholds: relabel them, or refuse to start",
+        description="Committed labels of a concept whose settings changed (edited concept, "
+        "checkpoint, thresholds) or that left the concept table: relabel / drop them, or "
+        "refuse to label anything (new concepts and new inputs are always labelled)",
     )
     storage_options: dict[str, Any] = Field({}, description="Empty = input.storage_options")
     max_error_rate: float = Field(1.0, ge=0, le=1, description="Fail when errors/inputs > this")
@@ -221,6 +245,26 @@ class VideoConfig(BaseModel):
         return self
 
 
+class PlanConfig(BaseModel):
+    """How the job is planned: in this process for small jobs, on the Ray cluster for lakes."""
+
+    model_config = _STRICT
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="auto: plan in this process until the listing passes local_max_inputs, "
+        "then on the Ray cluster (Ray Data), so the driver never holds a large input list",
+    )
+    local_max_inputs: int = Field(
+        200_000, ge=1, description="The most inputs (or tasks) planned in this process"
+    )
+    images_per_s_per_gpu: float | None = Field(
+        None,
+        gt=0,
+        description="For `sam3ray plan`'s GPU-hours estimate; None: the last run's measured "
+        "rate in this output",
+    )
+
+
 class JobConfig(BaseModel):
     model_config = _STRICT
     input: InputConfig = Field(..., description="What to label")
@@ -234,6 +278,7 @@ class JobConfig(BaseModel):
     video: VideoConfig = Field(
         default_factory=VideoConfig, description="Video sharding and stitching"
     )
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="Where planning runs")
     run_id: str | None = Field(None, description="[A-Za-z0-9._-]{1,64}; None = generated")
     _source: str | None = PrivateAttr(None)
 
@@ -242,7 +287,7 @@ class JobConfig(BaseModel):
     def _empty_sections(cls, data: Any) -> Any:
         """An empty optional section (``video:`` with nothing below) means its defaults."""
         if isinstance(data, dict):
-            optional = ("inference", "resources", "video")
+            optional = ("inference", "resources", "video", "plan")
             return {k: v for k, v in data.items() if not (v is None and k in optional)}
         return data
 
@@ -276,7 +321,7 @@ class JobConfig(BaseModel):
         )
 
 
-SECTIONS = ("input", "prompts", "model", "inference", "resources", "output", "video")
+SECTIONS = ("input", "prompts", "model", "inference", "resources", "output", "video", "plan")
 
 
 def label_fields(path: str) -> list[tuple[str, str]]:

@@ -53,14 +53,17 @@ class VideoSpan:
 
 @dataclass(frozen=True)
 class Shard:
-    """A deterministic group of inputs; its id names every file it writes."""
+    """A fixed group of inputs, the unit of work and commit; its id names its files.
+
+    Image shards are formed once from inputs no shard holds yet and never re-cut
+    (their id is a hash of their members); a video shard is one frame range of
+    one video (its id names the video and the first frame).
+    """
 
     shard_id: str
     kind: Literal["image", "video"]
     uris: tuple[str, ...]
     image_ids: tuple[str, ...]  # the inputs' ids (a video's id for a video shard)
-    members_hash: str
-    settings_hash: str = ""  # fingerprint of the labelling settings (set by the planner)
     span: VideoSpan | None = None  # video shards only
 
     def __len__(self) -> int:
@@ -69,3 +72,33 @@ class Shard:
     @property
     def refs(self) -> list[InputRef]:
         return [InputRef(u, i) for u, i in zip(self.uris, self.image_ids, strict=True)]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What one run does to one shard.
+
+    ``concepts`` are labelled now (all of them when ``fresh``; those added or
+    edited since for a labelled shard), ``drop`` are removed, ``prints`` are the
+    shard's per-concept fingerprints once this task commits (every concept it will
+    hold), and ``previous_files`` are files an earlier attempt may have left.
+    ``first``: the shard was never committed (its inputs enter the done-set now).
+    """
+
+    shard: Shard
+    concepts: tuple[str, ...]
+    prints: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+    fresh: bool = True
+    previous_files: tuple[str, ...] = ()
+    first: bool = True
+
+    @property
+    def shard_id(self) -> str:
+        return self.shard.shard_id
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """Concepts the shard holds already and keeps as they are."""
+        now = set(self.concepts)
+        return tuple(c for c, _ in self.prints if c not in now)

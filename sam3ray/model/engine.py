@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,18 +192,24 @@ class Sam3Engine:
         images: Sequence[np.ndarray],
         exemplars: Sequence[ImageExemplars | None] | None = None,
         orig_sizes: Sequence[tuple[int, int]] | None = None,
+        only: Collection[str] | None = None,
     ) -> list[list[Detection]]:
         """Detections per image, in the order of ``images``.
 
         ``images`` are H×W×3 uint8 RGB arrays. ``orig_sizes[i] = (height, width)``
         says the array was already downscaled from that size (e.g. by the decode
         stage): boxes, masks and exemplar coordinates are then in those pixels.
+        ``only`` limits the run to these class ids (a relabel of some concepts).
         Raises ``ValueError`` naming the offending item before any work is done.
         """
         import torch
 
         sizes = validate_images(images, orig_sizes)
-        queries = build_queries(self.concepts, exemplars, sizes, len(images))
+        concepts = self.concepts
+        if only is not None:
+            concepts = ConceptSet(tuple(c for c in concepts if c.class_id in set(only)))
+            exemplars = _only_exemplars(exemplars, set(only))
+        queries = build_queries(concepts, exemplars, sizes, len(images))
         t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast_ctx():
             pixel_batch = self._preprocess(images)
@@ -366,6 +372,14 @@ class Sam3Engine:
                 )
             )
         return out
+
+
+def _only_exemplars(
+    exemplars: Sequence[ImageExemplars | None] | None, keep: set[str]
+) -> Sequence[ImageExemplars | None] | None:
+    if exemplars is None:
+        return None
+    return [None if e is None else {c: v for c, v in e.items() if c in keep} for e in exemplars]
 
 
 def _prompt(queries: list[Query], device: str):

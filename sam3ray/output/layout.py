@@ -6,7 +6,8 @@
     runs/<run_id>.json                                    run summary
     _video/shards/<shard_id>.parquet                      video staging: all decoded frames
     _video/stitch/<video_id>.json                         which shard versions ids came from
-    stats/{concepts,runs}.parquet                         written by ``sam3ray stats --save``
+    stats/{concepts,runs}.parquet                         written by ``sam3ray stats``
+    _state/…                                              what is labelled (``output.state``)
 
 Names derive from ids only, so a redone shard overwrites its own files and
 rows never duplicate. Only validated canonical UUIDs and safe ids become path
@@ -26,8 +27,10 @@ VIDEO_DIR = "_video"
 STAGING_DIR = f"{VIDEO_DIR}/shards"
 STITCH_DIR = f"{VIDEO_DIR}/stitch"
 STATS_DIR = "stats"
-#: What ``output.mode: overwrite`` clears (markers first); ``runs/`` is history and stays.
-CLEARED_BY_OVERWRITE = (MARKERS_DIR, DETECTIONS_DIR, IMAGES_DIR, VIDEO_DIR)
+STATE_DIR = "_state"
+#: What ``output.mode: overwrite`` clears (the state that vouches for labels first);
+#: ``runs/`` is history and stays.
+CLEARED_BY_OVERWRITE = (STATE_DIR, MARKERS_DIR, DETECTIONS_DIR, IMAGES_DIR, VIDEO_DIR)
 #: The folders whose presence says "this is a sam3ray output".
 OUTPUT_DIRS = (DETECTIONS_DIR, IMAGES_DIR, RUNS_DIR)
 

@@ -1,10 +1,11 @@
-"""Commit markers: what ``_markers/<shard_id>.json`` holds, and how resume reads them.
+"""Commit markers: what ``_markers/<shard_id>.json`` holds and how to read them.
 
-A marker is written after all of its shard's files, so its presence means the
-shard is complete. Strict parsing is what lets :func:`scan_markers` treat a
-damaged marker as "not done" instead of trusting half a record; a marker that
-cannot be *read* (throttling, a dropped connection) is retried, never taken as
-"not done" (that would relabel a finished shard).
+A marker is written after all of its shard's files and overwritten by every
+later commit of the shard, so it always describes the shard's current files
+(the video stitch pass and readers of one shard use it). Planning does not read
+markers one by one: it reads the consolidated state (``output.state``). Strict
+parsing treats a damaged marker as absent; a marker that cannot be *read*
+(throttling, a dropped connection) is retried, never taken as absent.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from sam3ray.storage.retry import READS, is_transient, retry_transient
 logger = logging.getLogger(__name__)
 
 _INT_FIELDS = ("n_inputs", "n_ok", "n_error", "n_detections")
-_STR_FIELDS = ("shard_id", "members_hash", "run_id", "written_at")
+_STR_FIELDS = ("shard_id", "run_id", "written_at")
 
 
 @dataclass(frozen=True)
 class Marker:
-    """What ``_markers/<shard_id>.json`` holds; ``files`` are paths relative to the output root."""
+    """A shard's current commit: ``_markers/<shard_id>.json``, written after its files.
+
+    ``files`` are paths relative to the output root; ``prints`` are the shard's
+    per-concept labelling fingerprints (``plan.fingerprint``).
+    """
 
     shard_id: str
-    members_hash: str
     n_inputs: int
     n_ok: int
     n_error: int
@@ -37,11 +41,12 @@ class Marker:
     run_id: str
     files: tuple[str, ...]
     written_at: str
-    settings_hash: str = ""  # fingerprint.Fingerprinter digest; "" in pre-fingerprint markers
+    prints: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["files"] = list(self.files)
+        d["prints"] = dict(self.prints)
         return d
 
     def to_json(self) -> bytes:
@@ -62,11 +67,13 @@ class Marker:
         files = d.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("marker field 'files' missing or not a list of strings")
-        settings_hash = d.get("settings_hash", "")
-        if not isinstance(settings_hash, str):
-            raise ValueError("marker field 'settings_hash' is not a string")
+        prints = d.get("prints", {})
+        if not isinstance(prints, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prints.items()
+        ):
+            raise ValueError("marker field 'prints' is not a map of strings")
         kwargs = {k: d[k] for k in _STR_FIELDS + _INT_FIELDS}
-        return cls(files=tuple(files), settings_hash=settings_hash, **kwargs)
+        return cls(files=tuple(files), prints=tuple(sorted(prints.items())), **kwargs)
 
 
 def marker_from_bytes(blob: bytes) -> Marker:

@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sam3ray.core.shards import Shard
-from sam3ray.output.layout import images_path, staging_path, stitch_path
+from sam3ray.output.layout import STITCH_DIR, images_path, staging_path, stitch_path
 from sam3ray.output.markers import read_marker
 from sam3ray.output.parquet import parquet_bytes, read_table
 from sam3ray.output.schema import utc_now
+from sam3ray.output.state import span_from, span_json
 from sam3ray.output.stitch import ShardTracks, provisional_track_id, stitch
 from sam3ray.output.writer import ShardOutput, ShardWriter
 from sam3ray.storage.location import Location
@@ -66,25 +67,45 @@ def _mapping_hash(mapping: Mapping[tuple[int, int], int], index: int) -> str:
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def stitch_video(output: Location, shards: Sequence[Shard], stitch_iou: float) -> dict[str, Any]:
-    """Give every track of one video its global id. ``shards``: all the video's shards,
-    in order. Returns a small summary (``status``: stitched, up_to_date, incomplete,
-    missing_staging)."""
+def _known_shards(record: Mapping[str, Any], video_id: str, uri: str) -> dict[str, Shard]:
+    """The shards a video's stitch record remembers (with their frame ranges)."""
+    out = {}
+    for sid, entry in record.get("shards", {}).items():
+        span = span_from(entry.get("span"))
+        if span is not None:
+            out[sid] = Shard(sid, "video", (uri,), (video_id,), span)
+    return out
+
+
+def stitch_video(
+    output: Location, shards: Sequence[Shard], stitch_iou: float, force: bool = False
+) -> dict[str, Any]:
+    """Give every track of one video its global id; idempotent.
+
+    ``shards``: the video's shards this run committed (the record of the last
+    stitch supplies the others, so relabelling one shard restitches the whole
+    video). ``force`` restitches even when nothing changed (a new ``stitch_iou``
+    is noticed anyway). Returns a small summary (``status``: stitched,
+    up_to_date, incomplete, missing_staging).
+    """
     video_id = shards[0].image_ids[0]
+    record_loc = output.child(stitch_path(video_id))
+    try:
+        record = json.loads(record_loc.read_bytes())
+    except (FileNotFoundError, ValueError):
+        record = {"shards": {}}
+    known = _known_shards(record, video_id, shards[0].uris[0])
+    known.update({s.shard_id: s for s in shards})
+    shards = sorted(known.values(), key=lambda s: s.span.index)
     markers = {}
     for s in shards:
         marker = read_marker(output, s.shard_id)
         if marker is None:
             return {"video_id": video_id, "status": "incomplete", "rewritten": 0}
         markers[s.shard_id] = marker
-    record_loc = output.child(stitch_path(video_id))
-    try:
-        record = json.loads(record_loc.read_bytes())
-    except (FileNotFoundError, ValueError):
-        record = {"shards": {}}
     current = {sid: m.written_at for sid, m in markers.items()}
     same_shards = {k: v["written_at"] for k, v in record["shards"].items()} == current
-    if same_shards and record.get("stitch_iou") == stitch_iou:
+    if same_shards and record.get("stitch_iou") == stitch_iou and not force:
         return {"video_id": video_id, "status": "up_to_date", "rewritten": 0}
 
     ok = {s.shard_id for s in shards if markers[s.shard_id].n_ok > 0}
@@ -99,7 +120,12 @@ def stitch_video(output: Location, shards: Sequence[Shard], stitch_iou: float) -
     mapping = stitch(tracks, stitch_iou)
 
     writer = ShardWriter(output)
-    new_record: dict[str, Any] = {"video_id": video_id, "stitch_iou": stitch_iou, "shards": {}}
+    new_record: dict[str, Any] = {
+        "video_id": video_id,
+        "uri": shards[0].uris[0],
+        "stitch_iou": stitch_iou,
+        "shards": {},
+    }
     rewritten = 0
     for s in shards:
         sid, marker, span = s.shard_id, markers[s.shard_id], s.span
@@ -112,7 +138,11 @@ def stitch_video(output: Location, shards: Sequence[Shard], stitch_iou: float) -
             img = read_table(output.child(images_path(sid)))
             marker = writer.write(ShardOutput.rewrite(marker, det, img))
             rewritten += 1
-        new_record["shards"][sid] = {"written_at": marker.written_at, "mapping": digest}
+        new_record["shards"][sid] = {
+            "written_at": marker.written_at,
+            "mapping": digest,
+            "span": span_json(span),
+        }
     new_record["stitched_at"] = utc_now().isoformat()
     record_loc.write_bytes(json.dumps(new_record, indent=1, sort_keys=True).encode())
     n_tracks = len(set(mapping.values()))
@@ -139,3 +169,19 @@ def _shard_tracks(s: Shard, table: pa.Table | None, shards: Sequence[Shard]) -> 
         if f in shared:
             out.overlap.append((f, t, c, rle, tuple(size)))
     return out
+
+
+def stitched_videos(output: Location) -> list[str]:
+    """Ids of every video with a stitch record (a new ``stitch_iou`` restitches them all)."""
+    return sorted(
+        n[: -len(".json")] for n in output.child(STITCH_DIR).list_names() if n.endswith(".json")
+    )
+
+
+def restitch_video(output: Location, video_id: str, stitch_iou: float) -> dict[str, Any]:
+    """Stitch one video again from its record (no shard of it was labelled now)."""
+    record = json.loads(output.child(stitch_path(video_id)).read_bytes())
+    known = list(_known_shards(record, video_id, record["uri"]).values())
+    if not known:
+        return {"video_id": video_id, "status": "incomplete", "rewritten": 0}
+    return stitch_video(output, known, stitch_iou)

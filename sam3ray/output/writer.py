@@ -55,36 +55,33 @@ _DETECTION_ORDER = [
 class ShardOutput:
     """Everything one commit of a shard writes.
 
-    ``previous_files`` are the files an earlier commit of this shard listed in its
-    marker: those not rewritten now (a concept no longer found) are deleted, so
-    readers never see rows the current commit did not produce.
+    ``detections`` hold the concepts labelled now; ``images`` every input of the
+    shard (with ``n_detections`` over all the concepts it holds after the commit).
+    ``previous_files`` are files an earlier commit may have left for the concepts
+    labelled or dropped now: those not rewritten are deleted, so readers never see
+    rows the current commit did not produce; other concepts' files stay as they are.
+    ``commit_key`` (``output.state.commit_key``) is written last, after the marker.
     """
 
     shard_id: str
-    members_hash: str
-    settings_hash: str
     run_id: str
     detections: pa.Table
     images: pa.Table
+    prints: tuple[tuple[str, str], ...] = ()
     previous_files: tuple[str, ...] = ()
+    kept_files: tuple[str, ...] = ()  # other concepts' files, listed in the marker as is
+    commit_key: str | None = None
 
     @classmethod
-    def rewrite(
-        cls,
-        marker: Marker,
-        detections: pa.Table,
-        images: pa.Table,
-        members_hash: str | None = None,
-    ) -> ShardOutput:
-        """A new version of a committed shard (orphan trims, restitched videos): same
-        run and settings, replacing the marker's files; same membership unless given."""
+    def rewrite(cls, marker: Marker, detections: pa.Table, images: pa.Table) -> ShardOutput:
+        """A new version of a committed shard (restitched video ids): same run and
+        fingerprints, replacing the marker's files."""
         return cls(
             shard_id=marker.shard_id,
-            members_hash=marker.members_hash if members_hash is None else members_hash,
-            settings_hash=marker.settings_hash,
             run_id=marker.run_id,
             detections=detections,
             images=images,
+            prints=marker.prints,
             previous_files=marker.files,
         )
 
@@ -126,6 +123,7 @@ class ShardWriter:
         self.output.child(relpath).write_bytes(data)
         files.append(relpath)
 
+        files += [f for f in out.kept_files if f not in files]
         for old in out.previous_files:
             if old in files:
                 continue
@@ -137,17 +135,18 @@ class ShardWriter:
         statuses = Counter(img.column("status").to_pylist())
         marker = Marker(
             shard_id=shard_id,
-            members_hash=out.members_hash,
             n_inputs=img.num_rows,
             n_ok=statuses.get("ok", 0),
             n_error=statuses.get("error", 0),
-            n_detections=det.num_rows,
+            n_detections=sum(n or 0 for n in img.column("n_detections").to_pylist()),
             run_id=out.run_id,
             files=tuple(files),
             written_at=utc_now().isoformat(),
-            settings_hash=out.settings_hash,
+            prints=out.prints,
         )
         self.output.child(marker_path(shard_id)).write_bytes(marker.to_json())
+        if out.commit_key is not None:  # last: the run's consolidation lists these keys
+            self.output.child(out.commit_key).write_bytes(b"{}")
         return marker
 
     def delete_shard(self, marker: Marker) -> None:
@@ -166,12 +165,25 @@ def write_run_summary(output: Location, run_id: str, summary: dict[str, Any]) ->
     return loc.uri
 
 
-def clear_output(output: Location) -> None:
-    """Remove markers, detections, images and video state (not ``runs/``) for overwrite.
+def clear_output(output: Location, keep: str | None = None) -> None:
+    """Remove the labels and the state that vouches for them (not ``runs/``): overwrite.
 
-    Markers go first: if clearing is interrupted, no marker survives that
-    vouches for data already deleted.
+    The state goes first: if clearing is interrupted, nothing vouches for data
+    already deleted. ``keep`` (a path under ``_state/``, the current run's plan)
+    survives.
     """
     for sub in CLEARED_BY_OVERWRITE:
+        if keep is not None and keep.startswith(sub + "/"):
+            _clear_except(output.child(sub), keep[len(sub) + 1 :])
+            continue
         if output.child(sub).delete_tree():
             logger.info("cleared %s/%s", output.uri.rstrip("/"), sub)
+
+
+def _clear_except(folder: Location, keep: str) -> None:
+    head, _, rest = keep.partition("/")
+    for name in folder.list_names():
+        if name != head:
+            folder.child(name).delete_tree() or folder.child(name).delete()
+        elif rest:
+            _clear_except(folder.child(name), rest)

@@ -1,16 +1,17 @@
-"""Labelling fingerprints: which settings a committed shard was labelled with.
+"""Labelling fingerprints, per concept: which settings a shard's labels of a concept came from.
 
-Every commit marker records a fingerprint of everything that decides its
-shard's labels; on resume a shard whose fingerprint differs is relabelled
-(``output.on_settings_change: redo``) or the job refuses to start (``refuse``).
+Each shard records, for every concept it holds, a fingerprint of everything that
+decided those labels. On the next run a concept whose fingerprint changed is
+relabelled alone (or the job refuses: ``output.on_settings_change: refuse``), a
+new concept is labelled alone, a removed one is dropped, and the rest is left
+as it is. So adding one class to a ten-class ontology labels one class.
 
 What counts is derived, never listed here: the config fields whose schema marks
 them as affecting the labels of the shard's path (``config.label_settings``;
-e.g. ``inference.max_imgsz`` affects images only, so changing it relabels no
-video), the concepts (class id, name, texts, per-concept ``min_score``), and
-the exemplars of the shard's own inputs (so adding boxes for a few images
-relabels only their shards). Device, dtype, batch sizes, resources and video
-cutting (frame ranges are part of the membership hash) never count.
+``inference.max_imgsz`` affects images only), the concept itself (class id,
+name, texts, ``min_score``), and the exemplars of that concept on the shard's
+own inputs (so adding boxes for a few images relabels one concept of their
+shards). Device, dtype, batch sizes, resources and video cutting never count.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from sam3ray.config.schema import PATHS, JobConfig, label_settings
 from sam3ray.core.shards import Shard
 from sam3ray.core.types import ConceptSet
 
-#: Bumped when the fingerprint's content changes meaning, so old markers are redone.
-FINGERPRINT_VERSION = 2
+#: Bumped when the fingerprint's content changes meaning, so old labels are redone.
+FINGERPRINT_VERSION = 3
 
 
 def digest(obj: Any) -> str:
@@ -33,7 +34,7 @@ def digest(obj: Any) -> str:
 
 
 def job_settings(cfg: JobConfig, concepts: ConceptSet) -> dict[str, Any]:
-    """The job-wide part of the fingerprint per path, as plain JSON (also in the summary)."""
+    """What decides labels in this job, as plain JSON (also written to the run summary)."""
     listed = sorted([c.class_id, c.name, sorted(c.texts), c.min_score] for c in concepts.concepts)
     return {
         "version": FINGERPRINT_VERSION,
@@ -42,35 +43,37 @@ def job_settings(cfg: JobConfig, concepts: ConceptSet) -> dict[str, Any]:
     }
 
 
-class Fingerprinter:
-    """Per-shard fingerprints: its path's settings plus the exemplars of its inputs.
+class ConceptPrints:
+    """Fingerprints per path and concept, and per shard with its exemplars folded in.
 
-    ``geometric`` is a ``sources.prompts.GeometricPrompts`` or None. Without
-    exemplars every shard of a path shares one digest, computed once.
+    Small and picklable: planning tasks on the cluster use it to compare every
+    committed shard's fingerprints with the job's.
     """
 
     def __init__(self, cfg: JobConfig, concepts: ConceptSet, geometric: Any = None) -> None:
         self.settings = job_settings(cfg, concepts)
-        common = {"version": FINGERPRINT_VERSION, "concepts": self.settings["concepts"]}
-        self.digests = {p: digest({**common, "settings": self.settings[p]}) for p in PATHS}
+        self.class_ids = tuple(c.class_id for c in concepts)
+        self.by_path: dict[str, dict[str, str]] = {}
+        for path in PATHS:
+            base = digest({"version": FINGERPRINT_VERSION, "settings": self.settings[path]})
+            self.by_path[path] = {
+                c.class_id: digest([base, c.class_id, c.name, sorted(c.texts), c.min_score])
+                for c in concepts
+            }
         self._geometric = geometric if geometric is not None and len(geometric) else None
 
-    def __call__(self, shard: Shard) -> str:
-        base = self.digests[shard.kind]
+    def for_shard(self, shard: Shard) -> dict[str, str]:
+        """Every concept's fingerprint for this shard (exemplars of its inputs included)."""
+        prints = dict(self.by_path[shard.kind])
         if self._geometric is None:
-            return base
-        exemplars = []
+            return prints
+        found: dict[str, list[Any]] = {}
         for uri, image_id in zip(shard.uris, shard.image_ids, strict=True):
-            found = self._geometric.for_image(uri, image_id)
-            if found:
-                exemplars.append(
-                    [
-                        image_id,
-                        sorted(
-                            [cid, e.kind, list(e.coords), e.positive, e.frame_index]
-                            for cid, items in found.items()
-                            for e in items
-                        ),
-                    ]
+            for cid, items in self._geometric.for_image(uri, image_id).items():
+                found.setdefault(cid, []).extend(
+                    [image_id, e.kind, list(e.coords), e.positive, e.frame_index] for e in items
                 )
-        return digest([base, sorted(exemplars)]) if exemplars else base
+        for cid, items in found.items():
+            if cid in prints:
+                prints[cid] = digest([prints[cid], sorted(items)])
+        return prints

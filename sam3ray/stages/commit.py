@@ -1,15 +1,32 @@
 """Commit stage (CPU tasks): write a labelled shard, images and videos alike.
 
 Order: a video shard's staging file, then the shard's detection files and its
-images file, then its marker (``output.writer``), so a marker always implies
-complete files (and, for video, a staging file). Writing is idempotent (same
-names, marker last), so a write that fails transiently after the storage
-client's own retries is redone whole with a longer backoff.
+images file, then its marker, then the run's commit key (``output.state``): so a
+marker always implies complete files, and a commit key a marker. A task that
+relabels some concepts of a committed shard merges with what is there
+(``output.relabel``): the other concepts' files stay, the images rows are
+recounted. Writing is idempotent (same names, keys last), so a write that fails
+transiently after the storage client's own retries is redone whole.
 """
 
 from __future__ import annotations
 
-from sam3ray.output.video import write_staging
+from collections import Counter
+
+import pyarrow as pa
+
+from sam3ray.core.shards import ShardTask
+from sam3ray.output.relabel import (
+    accepted_inputs,
+    carried_over,
+    current_images,
+    kept_counts,
+    merge_images,
+    merge_staging,
+    only,
+)
+from sam3ray.output.state import commit_key, possible_files
+from sam3ray.output.video import owned_rows, write_staging
 from sam3ray.output.writer import ShardOutput, ShardWriter
 from sam3ray.stages.base import Resources
 from sam3ray.stages.tasks import CommitSummary, ShardResult
@@ -33,24 +50,59 @@ class CommitStage:
     def setup(self) -> None:
         """Nothing heavy: the filesystem is built lazily per process."""
 
-    def process(self, result: ShardResult) -> CommitSummary:
-        task = result.task
+    def _output(self, result: ShardResult) -> tuple[ShardOutput, pa.Table | None]:
+        """What to write (and the staging table of a video shard)."""
+        task: ShardTask = result.task
         shard = task.shard
+        det, img, staging = result.detections, result.images, result.staging
+        previous, kept_files = task.previous_files, ()
+        if not task.fresh:
+            old = current_images(self.output, shard.shard_id)
+            if shard.kind == "video":
+                staging = merge_staging(
+                    self.output, shard.shard_id, staging, (*task.concepts, *task.drop)
+                )
+                det = owned_rows(staging, shard.span.owned, shard.span.index)
+                counts = Counter(det.column("image_id").to_pylist())
+                held = [c for c, _ in task.prints]
+                previous = tuple(possible_files(shard.shard_id, [*held, *task.drop]))
+            else:
+                counts, kept_files = kept_counts(self.output, shard.shard_id, task.kept)
+                accepted = accepted_inputs(old, img)
+                unreached = {
+                    r["image_id"] for r in old.select(["image_id", "status"]).to_pylist()
+                } - accepted
+                det = pa.concat_tables(
+                    [
+                        only(det, accepted),
+                        carried_over(self.output, shard.shard_id, task.concepts, unreached),
+                    ]
+                )
+                counts.update(det.column("image_id").to_pylist())
+            img = merge_images(old, img, counts, self.run_id)
         out = ShardOutput(
             shard_id=shard.shard_id,
-            members_hash=shard.members_hash,
-            settings_hash=shard.settings_hash,
             run_id=self.run_id,
-            detections=result.detections,
-            images=result.images,
-            previous_files=task.previous_files,
+            detections=det,
+            images=img,
+            prints=task.prints,
+            previous_files=previous,
+            kept_files=tuple(kept_files),
+            commit_key=commit_key(
+                self.run_id, shard.shard_id, "error" in img.column("status").to_pylist()
+            ),
         )
+        return out, staging
+
+    def process(self, result: ShardResult) -> CommitSummary:
+        shard = result.task.shard
         writer = ShardWriter(self.output)
 
         def commit():
-            if result.staging is not None:
-                write_staging(self.output, shard.shard_id, result.staging)
-            return writer.write(out)
+            out, staging = self._output(result)
+            if staging is not None:
+                write_staging(self.output, shard.shard_id, staging)
+            return writer.write(out), out
 
-        marker = retry_transient(commit, f"writing shard {shard.shard_id}", WRITES)
-        return CommitSummary.of(result, marker.n_ok, marker.n_error)
+        retry_transient(commit, f"writing shard {shard.shard_id}", WRITES)
+        return CommitSummary.of(result)

@@ -49,6 +49,8 @@ class DecodeStage:
 
     def process(self, task: ShardTask) -> DecodedShard:
         shard = task.shard
+        if not task.concepts:  # drops only: nothing to label, nothing to read
+            return DecodedShard(task, ())
         images = tuple(self.decode_one(u, i) for u, i in zip(shard.uris, shard.image_ids))
         return DecodedShard(task, images)
 

@@ -42,6 +42,7 @@ class SegmentStage(ModelStage):
     def process(self, task: DecodedShard) -> ShardResult:
         self.setup()
         images = list(task.images)
+        only = None if task.task.fresh else task.task.concepts
         found: dict[int, list[Detection]] = {}
         infer_ms = [0.0] * len(images)
         failed: dict[int, tuple[str, str]] = {}  # index -> (error, reason)
@@ -58,12 +59,12 @@ class SegmentStage(ModelStage):
         for start in range(0, len(todo), step):
             batch = todo[start : start + step]
             try:
-                self._run(images, batch, found, infer_ms)
+                self._run(images, batch, found, infer_ms, only)
             except Exception:  # keep the shard: find the input(s) that broke the batch
                 logger.exception("inference failed on shard %s; one by one", task.task.shard_id)
                 for i in batch:  # one poison image must not cost its batch-mates their labels
                     try:
-                        self._run(images, [i], found, infer_ms)
+                        self._run(images, [i], found, infer_ms, only)
                     except Exception as exc:
                         logger.exception("inference failed on %s", images[i].uri)
                         failed[i] = (error_text(exc), "inference_failed")
@@ -78,7 +79,7 @@ class SegmentStage(ModelStage):
         h, w = img.orig_size
         return check_exemplars_in_image(ex, int(w), int(h)) if ex else None
 
-    def _run(self, images: list[DecodedImage], idx: list[int], found, infer_ms) -> None:
+    def _run(self, images: list[DecodedImage], idx: list[int], found, infer_ms, only) -> None:
         exemplars = None
         if self.geometric is not None:
             exemplars = [self.geometric.for_image(images[i].uri, images[i].image_id) for i in idx]
@@ -87,6 +88,7 @@ class SegmentStage(ModelStage):
             [images[i].pixels for i in idx],
             exemplars=exemplars,
             orig_sizes=[images[i].orig_size for i in idx],
+            only=only,
         )
         per_image_ms = (time.perf_counter() - t0) * 1000 / len(idx)
         for i, dets in zip(idx, results, strict=True):

@@ -15,19 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from sam3ray.core.shards import Shard
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One shard to label, and the files an earlier commit of it wrote (to replace)."""
-
-    shard: Shard
-    previous_files: tuple[str, ...] = ()
-
-    @property
-    def shard_id(self) -> str:
-        return self.shard.shard_id
+from sam3ray.core.shards import ShardTask
 
 
 @dataclass(frozen=True)
@@ -91,14 +79,17 @@ class CommitSummary:
     finished_at: float = 0.0
 
     @classmethod
-    def of(cls, result: ShardResult, n_ok: int, n_error: int) -> CommitSummary:
+    def of(cls, result: ShardResult) -> CommitSummary:
+        """What this run did to the shard: its inputs (re)labelled now, their outcomes, the
+        detections it produced (a relabel of some concepts counts only those)."""
         img, det = result.images, result.detections
+        statuses = Counter(img.column("status").to_pylist())
         return cls(
             shard_id=result.task.shard_id,
             kind=result.task.shard.kind,
             n_inputs=img.num_rows,
-            n_ok=n_ok,
-            n_error=n_error,
+            n_ok=statuses.get("ok", 0),
+            n_error=statuses.get("error", 0),
             n_detections=det.num_rows,
             errors_by_reason=dict(Counter(r for r in img.column("error_reason").to_pylist() if r)),
             detections_by_concept=dict(Counter(det.column("concept").to_pylist())),

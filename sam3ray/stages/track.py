@@ -91,6 +91,9 @@ class TrackStage(ModelStage):
     def process(self, task: ShardTask) -> ShardResult:
         self.setup()
         shard = task.shard
+        if not task.concepts:  # drops only: nothing to track
+            empty_det, empty_img = tables([], [])
+            return ShardResult(task, empty_det, empty_img, self.worker, time.time(), empty_det)
         span = shard.span
         info = span.info
         owned = span.owned
@@ -110,7 +113,7 @@ class TrackStage(ModelStage):
                 decode_ms = (time.perf_counter() - t0) * 1000
                 owned = (owned[0], min(owned[1], done[-1] + 1))
                 t0 = time.perf_counter()
-                found = self._track(shard, images, done, stamps, exemplars)
+                found = self._track(task, images, done, stamps, exemplars)
                 infer_ms = (time.perf_counter() - t0) * 1000
             except DecodeError as exc:
                 status, reason, error = "error", exc.reason, str(exc)[:500]
@@ -157,11 +160,15 @@ class TrackStage(ModelStage):
             raise DecodeError(reason, f"no frame at or after {frames[0]} could be decoded")
         return tensors, done, stamps
 
-    def _track(self, shard: Shard, images, done, stamps, exemplars) -> list[dict[str, Any]]:
+    def _track(self, task: ShardTask, images, done, stamps, exemplars) -> list[dict[str, Any]]:
         from sam3ray.model.video_queries import build_video_queries, merge_tracks
 
+        shard = task.shard
+        concepts = self.concepts
+        if not task.fresh:  # a relabel of some concepts
+            concepts = ConceptSet(tuple(c for c in concepts if c.class_id in task.concepts))
         info = shard.span.info
-        queries = build_video_queries(self.concepts, exemplars, self.inference.conf, done)
+        queries = build_video_queries(concepts, exemplars, self.inference.conf, done)
         found = self.tracker.track(images, (info.height, info.width), queries)
         found = merge_tracks(found, queries, self.inference)
         info_row = InputInfo(
