@@ -10,7 +10,6 @@ overwrite instead of duplicate.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 
 
 def stable_id(text: str, n: int = 16) -> str:
@@ -21,16 +20,6 @@ def stable_id(text: str, n: int = 16) -> str:
 def input_id(uri: str) -> str:
     """The id of an input (``image_id`` in every table; a video's id too)."""
     return stable_id(uri)
-
-
-def members_hash(ids: Iterable[str]) -> str:
-    """Hash of a shard's membership: a marker is valid only for these exact inputs."""
-    return stable_id("\n".join(sorted(ids)))
-
-
-def image_shard_id(first_uri: str) -> str:
-    """Shard id of an image shard, from its first member's URI (stable across runs)."""
-    return "s" + stable_id(first_uri)
 
 
 def video_shard_id(video_id: str, first_frame: int) -> str:

@@ -99,7 +99,8 @@ def _read_batch(folder: Location, names: list[str]) -> dict[str, bytes | BaseExc
 
 
 def scan_markers(output: Location) -> dict[str, Marker]:
-    """All commit markers, by shard id: one listing plus batched reads.
+    """All commit markers, by shard id: one listing plus batched reads (audits and
+    tools; planning reads the consolidated state instead).
 
     A marker that cannot be parsed is logged and treated as absent, so its shard
     is redone; a read that fails transiently is retried, and any other read

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sam3ray.storage.location import Location
+from sam3ray.storage.retry import READS, retry_transient
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
@@ -29,6 +30,11 @@ def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> by
 
 
 def read_table(loc: Location, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file through fsspec (what the writer wrote, read back whole)."""
-    with loc.open("rb") as f:
-        return pq.read_table(f, columns=columns)
+    """One Parquet file through fsspec (what the writer wrote, read back whole; retried,
+    so a throttled read never means "no such rows")."""
+
+    def read() -> pa.Table:
+        with loc.open("rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return retry_transient(read, f"read {loc.uri}", READS)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -249,9 +249,23 @@ def _read_all(files: list[Location], schema: pa.Schema, columns: list[str] | Non
     return pa.concat_tables(parts, promote_options="default")
 
 
-def done_inputs(output: Location, bucket: int) -> set[str]:
-    """Ids of the inputs of one bucket that the output holds whole: an image in a
-    committed shard, a video whose every shard is committed."""
+@dataclass(frozen=True)
+class Held:
+    """What one bucket's index says the output holds: inputs held whole, and the
+    committed shards of videos held in part (a run died between their shards; the next
+    run labels only the missing ones, never the committed ones again)."""
+
+    done: frozenset[str] = frozenset()
+    video_shards: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def missing(self, task: ShardTask) -> bool:
+        """Whether a freshly cut task still has to run."""
+        ids = task.shard.image_ids
+        return not (len(ids) == 1 and task.shard_id in self.video_shards.get(ids[0], ()))
+
+
+def held_inputs(output: Location, bucket: int) -> Held:
+    """One bucket's :class:`Held`, read from its index files."""
     files = _bucket_files(output, INDEX_DIR, bucket)
     table = _read_all(files, INDEX_SCHEMA, ["image_id", "shard_id", "parts"])
     shards: dict[str, set[str]] = {}
@@ -259,7 +273,15 @@ def done_inputs(output: Location, bucket: int) -> set[str]:
     for row in table.to_pylist():
         shards.setdefault(row["image_id"], set()).add(row["shard_id"])
         parts[row["image_id"]] = row["parts"] or 1
-    return {i for i, s in shards.items() if len(s) >= parts[i]}
+    done = frozenset(i for i, s in shards.items() if len(s) >= parts[i])
+    partial = {i: frozenset(s) for i, s in shards.items() if i not in done}
+    return Held(done, partial)
+
+
+def done_inputs(output: Location, bucket: int) -> set[str]:
+    """Ids of the inputs of one bucket that the output holds whole: an image in a
+    committed shard, a video whose every shard is committed."""
+    return set(held_inputs(output, bucket).done)
 
 
 def current_shards(output: Location, bucket: int) -> pa.Table:
@@ -335,15 +357,26 @@ def unfinished_runs(output: Location, before: str | None = None) -> list[str]:
     return [r for r in runs_with_plans(output) if r != before and run_record(output, r) is None]
 
 
-def write_plan_file(output: Location, run_id: str, table: pa.Table, part: int = 0) -> None:
+def write_plan_file(output: Location, run_id: str, table: pa.Table, part: int | str = 0) -> None:
+    """One file of a run's plan (task rows); ``part`` names it (a retried writer writes
+    the same name)."""
     from sam3ray.output.parquet import parquet_bytes
 
+    name = f"part-{part:05d}" if isinstance(part, int) else f"part-{safe_name(part, 'part')}"
+    output.child(plan_dir(run_id)).child(f"{name}.parquet").write_bytes(parquet_bytes(table))
+
+
+def plan_files(output: Location, run_id: str) -> list[Location]:
+    """The files of a run's plan, in name order."""
     where = output.child(plan_dir(run_id))
-    where.child(f"part-{part:05d}.parquet").write_bytes(parquet_bytes(table))
+    return [where.child(n) for n in sorted(where.list_names()) if n.endswith(".parquet")]
+
+
+def read_plan_file(loc: Location, columns: list[str] | None = None) -> pa.Table:
+    """One plan file, in the task schema (retried like every state read)."""
+    return _read_all([loc], TASK_SCHEMA, columns)
 
 
 def read_plan(output: Location, run_id: str) -> pa.Table:
     """A run's whole plan (small runs; large ones are read by the cluster)."""
-    where = output.child(plan_dir(run_id))
-    files = [where.child(n) for n in sorted(where.list_names()) if n.endswith(".parquet")]
-    return _read_all(files, TASK_SCHEMA, None)
+    return _read_all(plan_files(output, run_id), TASK_SCHEMA, None)

@@ -149,14 +149,6 @@ class ShardWriter:
             self.output.child(out.commit_key).write_bytes(b"{}")
         return marker
 
-    def delete_shard(self, marker: Marker) -> None:
-        """Remove a shard's data files, then its marker (idempotent; used for orphans)."""
-        safe_name(marker.shard_id, "shard_id")
-        for relpath in marker.files:
-            if owned_by(relpath, marker.shard_id):
-                self.output.child(relpath).delete()
-        self.output.child(marker_path(marker.shard_id)).delete()
-
 
 def write_run_summary(output: Location, run_id: str, summary: dict[str, Any]) -> str:
     """Write ``runs/<run_id>.json`` atomically and return its URI."""

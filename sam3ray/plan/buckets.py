@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from sam3ray.config.schema import InputConfig, VideoConfig
+from sam3ray.core.errors import SettingsChanged
 from sam3ray.core.shards import InputRef, ShardTask
 from sam3ray.output.state import (
     INDEX_DIR,
@@ -22,9 +23,9 @@ from sam3ray.output.state import (
     SHARDS_DIR,
     SHARDS_SCHEMA,
     TASK_SCHEMA,
+    Held,
     committed,
     current_shards,
-    done_inputs,
     index_rows,
     possible_files,
     shard_from_row,
@@ -51,7 +52,8 @@ class PlanStats:
     relabel_shards: int = 0
     relabel_inputs: int = 0  # inputs of shards some concept of which is (re)labelled
     drop_shards: int = 0  # shards that only lose concepts
-    by_concept: dict[str, dict[str, int]] = field(default_factory=dict)  # cid -> kind -> inputs
+    #: cid -> kind (new | added | edited | retried | removed) -> inputs
+    by_concept: dict[str, dict[str, int]] = field(default_factory=dict)
     changed_by: set[str] = field(default_factory=set)  # runs whose labels a task changes
     kinds: dict[str, int] = field(default_factory=dict)  # tasks per kind of shard
 
@@ -114,25 +116,43 @@ def count_fresh(stats: PlanStats, tasks: Sequence[ShardTask]) -> None:
 
 
 def new_work(
-    output: Location,
     bucket: int,
     listed: Iterable[InputRef],
     source: InputConfig,
     video: VideoConfig,
     prints: ConceptPrints,
-    ignore_state: bool = False,
+    held: Held,
 ) -> tuple[list[InputRef], list[ShardTask], PlanStats]:
     """The bucket's listed inputs that the output does not hold: new images (to be cut
-    into shards with the other buckets' new images), new videos as fresh tasks, and
-    counts. ``ignore_state``: as if the output were empty (overwrite)."""
+    into shards with the other buckets' new images), the missing shards of new or
+    partly labelled videos as fresh tasks, and counts. An overwrite passes an empty
+    ``held`` (the output is cleared before labelling)."""
     refs = unique_sorted(collapse_frame_folders(listed))
-    done = set() if ignore_state else done_inputs(output, bucket)
-    images = [r for r in refs if not is_video_uri(r.uri) and r.image_id not in done]
-    videos = [r for r in refs if is_video_uri(r.uri) and r.image_id not in done]
+    images = [r for r in refs if not is_video_uri(r.uri) and r.image_id not in held.done]
+    videos = [r for r in refs if is_video_uri(r.uri) and r.image_id not in held.done]
     stats = PlanStats(listed=len(refs), new_images=len(images), new_videos=len(videos))
     tasks = [fresh_task(s, prints) for s in cut_videos(videos, source, video)] if videos else []
+    refuse_recut(tasks, held)
+    tasks = [t for t in tasks if held.missing(t)]
     count_fresh(stats, tasks)
     return images, tasks, stats
+
+
+def refuse_recut(tasks: Sequence[ShardTask], held: Held) -> None:
+    """A partly labelled video must be finished with the cut it was started with: other
+    ``video.shard_frames``/``overlap_frames`` would label its frames twice."""
+    cut: dict[str, set[str]] = defaultdict(set)
+    for t in tasks:
+        cut[t.shard.image_ids[0]].add(t.shard_id)
+    for video, ids in cut.items():
+        started = held.video_shards.get(video, frozenset())
+        if not started <= ids:
+            uri = next(t.shard.uris[0] for t in tasks if t.shard.image_ids[0] == video)
+            raise SettingsChanged(
+                f"video {uri} is partly labelled with other video.shard_frames/overlap_frames "
+                f"(shards {sorted(started - ids)[:3]}): finish it with the earlier settings, "
+                "or label into a new output"
+            )
 
 
 def stale_work(
@@ -161,11 +181,13 @@ def stale_work(
             continue
         tasks.append(task)
         stats.kinds[shard.kind] = stats.kinds.get(shard.kind, 0) + 1
-        edited = [c for c in task.concepts if c in current]
+        target = dict(task.prints)
+        edited = [c for c in task.concepts if c in current and current[c] != target[c]]
         if edited or task.drop:
             stats.changed_by.add(row["run_id"])
         for cid in task.concepts:
-            stats.count(cid, "edited" if cid in current else "added", len(shard))
+            kind = "added" if cid not in current else "edited" if cid in edited else "retried"
+            stats.count(cid, kind, len(shard))
         for cid in task.drop:
             stats.count(cid, "removed", len(shard))
         if task.concepts:

@@ -30,7 +30,11 @@ from sam3ray.sources.video import is_video_uri
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    """Run ids sort by start time (the latest shards row of a shard wins): microseconds,
+    so two runs started in the same second still sort in the order they started."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from sam3ray.core.shards import InputRef, ShardTask
 from sam3ray.output.schema import utc_now
 from sam3ray.output.state import (
     SHARDS_DIR,
+    Held,
     bucket_of,
+    held_inputs,
     read_plan,
     state_buckets,
     write_plan_file,
@@ -74,9 +76,8 @@ def plan_locally(cfg: JobConfig, prepared: Prepared) -> tuple[list[ShardTask], P
     new_images: list[InputRef] = []
     stats = PlanStats()
     for bucket, refs in sorted(by_bucket.items()):
-        images, videos, counts = new_work(
-            output, bucket, refs, cfg.input, cfg.video, prepared.prints, fresh
-        )
+        held = Held() if fresh else held_inputs(output, bucket)
+        images, videos, counts = new_work(bucket, refs, cfg.input, cfg.video, prepared.prints, held)
         new_images += images
         tasks += videos
         stats.merge(counts)

@@ -47,8 +47,9 @@ def cut(refs: list[InputRef], target: int) -> list[list[InputRef]]:
     if not refs:
         return []
     n_shards = math.ceil(len(refs) / target)
-    size = math.ceil(len(refs) / n_shards)
-    return [refs[i : i + size] for i in range(0, len(refs), size)]
+    size, longer = divmod(len(refs), n_shards)  # the first ``longer`` runs take one more
+    bounds = [k * size + min(k, longer) for k in range(n_shards + 1)]
+    return [refs[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def fresh_task(shard: Shard, prints: ConceptPrints) -> ShardTask:

@@ -8,10 +8,9 @@ the previous one does not reach the end. Shard ``k`` *owns* sampled frames
 of all shards partition the video, so every sampled frame is written exactly
 once; the overlap frames serve only to join tracks (``output.stitch``).
 
-Shard ids name the video and the first source frame, and the membership hash
-covers the frame range, so resume, retries and overwrites use the image job's
-marker machinery unchanged. A video that cannot be probed becomes one error
-shard (start 0) that yields an error row and nothing else.
+Shard ids name the video and the first source frame, so a redone shard
+rewrites its own files. A video that cannot be probed becomes one error shard
+(start 0) that yields an error row and nothing else.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sam3ray.config.schema import InputConfig, VideoConfig
 from sam3ray.core.errors import DecodeError
-from sam3ray.core.ids import stable_id, video_shard_id
+from sam3ray.core.ids import video_shard_id
 from sam3ray.core.shards import InputRef, Shard, VideoInfo, VideoSpan
 from sam3ray.sources.video import probe_video
 
@@ -47,13 +46,12 @@ def sampled_ranges(n_sampled: int, shard_frames: int, overlap: int) -> list[tupl
     return out
 
 
-def _video_shard(ref: InputRef, key: str, first: int, span: VideoSpan) -> Shard:
+def _video_shard(ref: InputRef, first: int, span: VideoSpan) -> Shard:
     return Shard(
         shard_id=video_shard_id(ref.image_id, first),
         kind="video",
         uris=(ref.uri,),
         image_ids=(ref.image_id,),
-        members_hash=stable_id(key),
         span=span,
     )
 
@@ -67,16 +65,15 @@ def video_shards(ref: InputRef, info: VideoInfo, video: VideoConfig) -> list[Sha
     for k, (s, stop, owned_stop) in enumerate(ranges):
         frames = tuple(range(s * stride, stop * stride, stride))
         owned = (s * stride, owned_stop * stride if k + 1 < len(ranges) else info.n_frames)
-        key = f"{ref.uri}|{frames[0]}|{frames[-1]}|{stride}|{owned[0]}|{owned[1]}"
         span = VideoSpan(k, len(ranges), frames, owned, info)
-        shards.append(_video_shard(ref, key, frames[0], span))
+        shards.append(_video_shard(ref, frames[0], span))
     return shards
 
 
 def error_shard(ref: InputRef, exc: DecodeError) -> Shard:
     """The single shard standing for a video that cannot be probed."""
     span = VideoSpan(0, 1, (), (0, 0), None, exc.reason, f"{exc}"[:500])
-    return _video_shard(ref, f"{ref.uri}|error|{exc.reason}", 0, span)
+    return _video_shard(ref, 0, span)
 
 
 def probe_all(refs: Sequence[InputRef], source: InputConfig) -> dict[str, VideoInfo | DecodeError]:

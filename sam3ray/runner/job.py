@@ -35,7 +35,6 @@ from sam3ray.runner.cluster import check_pool_fits, gpus_per_actor, init_ray
 from sam3ray.runner.planning import consolidate_on_ray, plan_on_ray
 from sam3ray.runner.summary import RunTally
 from sam3ray.storage.location import Location
-from sam3ray.storage.retry import WRITES, retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +167,8 @@ def _record_stitch_iou(cfg: JobConfig, run_id: str) -> None:
 
 
 def _write_summary(cfg: JobConfig, plan_run_id: str, summary: dict[str, Any]) -> None:
-    summary["summary_uri"] = retry_transient(  # idempotent: one object, written whole
-        lambda: write_run_summary(cfg.output_location, plan_run_id, summary),
-        f"writing the run summary to {cfg.output.uri}",
-        WRITES,
-    )
+    # One object written whole: Location.write_bytes retries it.
+    summary["summary_uri"] = write_run_summary(cfg.output_location, plan_run_id, summary)
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:

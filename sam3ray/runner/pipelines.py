@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data.expressions import col
 
 from sam3ray.config.schema import JobConfig
 from sam3ray.core.shards import Shard
@@ -72,7 +71,10 @@ def label_pipeline(
     if not n:
         return
     output = cfg.output_location
-    ds = read_plan_dataset(output, plan.run_id).filter(expr=col("kind") == kind)
+    ds = read_plan_dataset(output, plan.run_id, kind)
+    # One shard per block, streamed (no barrier): a plan file holds many tasks, and
+    # Ray Data hands an actor a whole block, so unsplit blocks serialise the pool.
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(_packed_tasks, batch_format="pyarrow", batch_size=1)
     if kind == "image":
         ds = apply(ds, DecodeStage(cfg.input, cfg.inference, cfg.resources), n_rows=n)
@@ -90,7 +92,7 @@ def stitch_videos(cfg: JobConfig, plan: JobPlan, restitch_all: bool) -> dict[str
     output = cfg.output_location
     by_video: dict[str, list[Shard]] = defaultdict(list)
     if plan.stats.kinds.get("video"):
-        rows = read_plan_dataset(output, plan.run_id).filter(expr=col("kind") == "video")
+        rows = read_plan_dataset(output, plan.run_id, "video")
         for row in rows.select_columns(
             ["shard_id", "kind", "uris", "image_ids", "span"]
         ).iter_rows():

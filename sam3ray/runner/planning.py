@@ -20,10 +20,12 @@ import pickle
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.expressions import col
 
 from sam3ray.config.schema import JobConfig
+from sam3ray.core.ids import input_id, stable_id
 from sam3ray.core.shards import InputRef
 from sam3ray.output.schema import utc_now
 from sam3ray.output.state import (
@@ -31,10 +33,14 @@ from sam3ray.output.state import (
     INDEX_SCHEMA,
     SHARDS_DIR,
     TASK_SCHEMA,
+    Held,
     bucket_of,
-    plan_dir,
+    held_inputs,
+    plan_files,
+    read_plan_file,
     state_buckets,
     write_bucket,
+    write_plan_file,
     write_run_record,
 )
 from sam3ray.plan.buckets import (
@@ -49,6 +55,7 @@ from sam3ray.plan.buckets import (
 from sam3ray.plan.job import Prepared
 from sam3ray.plan.shards import new_image_tasks
 from sam3ray.sources.listing import listing_parts, nothing_listed, read_part
+from sam3ray.sources.video import frame_folder_of
 from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
@@ -80,13 +87,22 @@ def _stats_from(text: str) -> PlanStats:
     return PlanStats(**d)
 
 
-def _list_part(row: dict[str, Any], cfg: JobConfig) -> list[dict[str, Any]]:
-    part = pickle.loads(row["part"])
-    out = []
-    for uri in read_part(cfg.input, part):
-        ref = InputRef.of(uri)
-        out.append({"uri": ref.uri, "image_id": ref.image_id, "bucket": bucket_of(ref.image_id)})
-    return out
+_LISTED = pa.schema([("uri", pa.string()), ("image_id", pa.string()), ("bucket", pa.int32())])
+
+
+def _list_parts(batch: pa.Table, cfg: JobConfig) -> pa.Table:
+    """The inputs of some listing parts, with their ids and buckets (a frame of a
+    ``*.frames/`` folder stands for its folder, the video)."""
+    uris = []
+    for blob in batch.column("part").to_pylist():
+        for uri in read_part(cfg.input, pickle.loads(blob)):
+            uris.append(frame_folder_of(uri) or uri)
+    ids = [input_id(u) for u in uris]
+    buckets = [bucket_of(i) for i in ids]
+    return pa.Table.from_arrays(
+        [pa.array(uris, pa.string()), pa.array(ids, pa.string()), pa.array(buckets, pa.int32())],
+        schema=_LISTED,
+    )
 
 
 #: What a bucket's task returns: its new images (``row`` = "ref"), its new videos' tasks
@@ -99,13 +115,24 @@ _BUCKET_SCHEMA = (
 
 
 def _new_in_bucket(group: pa.Table, cfg: JobConfig, prepared: Prepared) -> pa.Table:
-    uris, ids = group.column("uri").to_pylist(), group.column("image_id").to_pylist()
-    refs = [InputRef(u, i) for u, i in zip(uris, ids, strict=True)]
+    """One bucket's listed inputs minus its done-set (vectorised: a nightly run over a
+    labelled lake handles millions of done inputs per bucket)."""
     bucket = group.column("bucket")[0].as_py()
-    images, videos, stats = new_work(
-        cfg.output_location, bucket, refs, cfg.input, cfg.video, prepared.prints,
-        cfg.output.mode == "overwrite",
-    )  # fmt: skip
+    unique = group.group_by("image_id", use_threads=False).aggregate([("uri", "min")])
+    listed = unique.num_rows
+    held = Held()
+    if cfg.output.mode != "overwrite":
+        held = held_inputs(cfg.output_location, bucket)
+        if held.done:
+            done = pc.is_in(unique.column("image_id"), value_set=pa.array(sorted(held.done)))
+            unique = unique.filter(pc.invert(done))
+            held = Held(video_shards=held.video_shards)  # filtered out above
+    refs = [
+        InputRef(u, i)
+        for u, i in zip(unique.column("uri_min").to_pylist(), unique.column("image_id").to_pylist())
+    ]
+    images, videos, stats = new_work(bucket, refs, cfg.input, cfg.video, prepared.prints, held)
+    stats.listed = listed
     tasks = _with_stats(tasks_table(videos), stats).to_pylist()
     rows = [r | {"row": "stats" if r["kind"] == _STATS else "task"} for r in tasks]
     rows += [{"row": "ref", "uri": r.uri, "image_id": r.image_id} for r in images]
@@ -138,7 +165,9 @@ def plan_on_ray(cfg: JobConfig, prepared: Prepared, *, write: bool = True) -> Pl
     parts = listing_parts(cfg.input)
     rows = [{"part": pickle.dumps(p)} for p in parts]
     listed = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    listed = listed.flat_map(_list_part, fn_kwargs={"cfg": cfg})
+    listed = listed.map_batches(
+        _list_parts, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1
+    )
     kw = {"cfg": cfg, "prepared": prepared}
     bucketed = listed.groupby("bucket").map_groups(
         _new_in_bucket, fn_kwargs=kw, batch_format="pyarrow"
@@ -158,28 +187,54 @@ def plan_on_ray(cfg: JobConfig, prepared: Prepared, *, write: bool = True) -> Pl
             batch_size=8,
         )
         plan = plan.union(stale)
-    if write:
-        where = output.child(plan_dir(prepared.run_id))
-        plan.write_parquet(where.path, filesystem=where.arrow_filesystem())
-        stats_rows = read_plan_dataset(output, prepared.run_id, stats=True)
+    if write:  # each task writes a file of the plan and hands on its stats rows only
+        stats_rows = plan.map_batches(
+            _write_plan_part,
+            fn_kwargs={"output": output, "run_id": prepared.run_id},
+            batch_format="pyarrow",
+            batch_size=PLAN_FILE_TASKS,
+        )
     else:
-        stats_rows = plan.filter(lambda r: r["kind"] == _STATS)
+        stats_rows = plan.filter(expr=col("kind") == _STATS).select_columns(["stats"])
     stats = PlanStats()
-    for row in stats_rows.select_columns(["stats"]).iter_rows():
+    for row in stats_rows.iter_rows():
         stats.merge(_stats_from(row["stats"]))
     if stats.listed == 0:
         raise nothing_listed(cfg.input)
     return stats
 
 
-def read_plan_dataset(output: Location, run_id: str, *, stats: bool = False) -> ray.data.Dataset:
-    """A run's plan as a dataset of task rows (or of its stats rows)."""
-    where = output.child(plan_dir(run_id))
-    ds = ray.data.read_parquet(where.path, filesystem=where.arrow_filesystem())
-    if "stats" not in ds.schema().names:  # written by the local engine: tasks only
-        return ds.limit(0) if stats else ds
-    keep = (col("kind") == _STATS) if stats else (col("kind") != _STATS)
-    return ds.filter(expr=keep)
+#: Tasks per plan file (~256 inputs each): ~4,000 files for a 10^9-input first run.
+PLAN_FILE_TASKS = 1024
+
+
+def _write_plan_part(batch: pa.Table, output: Location, run_id: str) -> pa.Table:
+    """One file of the plan, named from its tasks (a retried task writes the same file)."""
+    is_stats = pc.equal(batch.column("kind"), _STATS)
+    tasks = batch.filter(pc.invert(is_stats)).drop_columns(["stats"])
+    if tasks.num_rows:
+        name = stable_id("\n".join(tasks.column("shard_id").to_pylist()))
+        write_plan_file(output, run_id, tasks, name)
+    return batch.filter(is_stats).select(["stats"])
+
+
+def read_plan_dataset(output: Location, run_id: str, kind: str | None = None) -> ray.data.Dataset:
+    """A run's tasks (of one ``kind``) as a dataset, one block per plan file: each file
+    is read by a task through the job's storage retries."""
+    files = [{"file": f.uri} for f in plan_files(output, run_id)]
+    ds = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
+    return ds.map_batches(
+        _read_plan_files,
+        fn_kwargs={"output": output, "kind": kind},
+        batch_format="pyarrow",
+        batch_size=1,
+    )
+
+
+def _read_plan_files(batch: pa.Table, output: Location, kind: str | None) -> pa.Table:
+    parts = [read_plan_file(output.with_uri(uri)) for uri in batch.column("file").to_pylist()]
+    table = pa.concat_tables(parts) if parts else TASK_SCHEMA.empty_table()
+    return table if kind is None else table.filter(pc.equal(table.column("kind"), kind))
 
 
 _INDEX_ROWS = INDEX_SCHEMA.append(pa.field("ibucket", pa.int32())).append(
@@ -215,9 +270,7 @@ def _write_index_group(group: pa.Table, output: Location, run_id: str) -> pa.Tab
 
 def consolidate_on_ray(output: Location, run_id: str) -> dict[str, Any]:
     """:func:`plan.local.consolidate_locally` for runs too large for one process."""
-    plan = read_plan_dataset(output, run_id).drop_columns(
-        ["stats"],
-    )
+    plan = read_plan_dataset(output, run_id)
 
     def add_bucket(batch: pa.Table) -> pa.Table:
         ids = batch.column("shard_id").to_pylist()

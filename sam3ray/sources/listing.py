@@ -119,6 +119,28 @@ def _uri_parts(index: int, uri: str, cfg: InputConfig) -> list[ListingPart]:
     raise InputError(f"input.uris[{index}]: not found: {uri}")
 
 
+#: Rows of a Parquet manifest one part reads (its row groups are split between parts).
+MANIFEST_PART_ROWS = 1_000_000
+
+
+def _split_parquet(loc: Location, source: str) -> list[ListingPart]:
+    """One part per ~MANIFEST_PART_ROWS rows of a Parquet manifest (whole row groups)."""
+    import pyarrow.parquet as pq
+
+    with loc.open("rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    parts, groups, rows = [], [], 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        rows += meta.row_group(g).num_rows
+        if rows >= MANIFEST_PART_ROWS:
+            parts.append(ListingPart("manifest", loc.uri, source, options={"row_groups": groups}))
+            groups, rows = [], 0
+    if groups or not parts:
+        parts.append(ListingPart("manifest", loc.uri, source, options={"row_groups": groups}))
+    return parts
+
+
 def _manifest_parts(cfg: InputConfig) -> list[ListingPart]:
     parts = []
     for i, uri in enumerate(cfg.manifests()):
@@ -127,9 +149,14 @@ def _manifest_parts(cfg: InputConfig) -> list[ListingPart]:
             found = sorted(retry_transient(lambda loc=loc: loc.fs.glob(loc.path), "manifests"))
             if not found:
                 raise InputError(f"input.manifest[{i}]: {uri} matched no files")
-            parts += [ListingPart("manifest", loc.sibling_uri(p), uri) for p in found]
+            files = [loc.sibling_uri(p) for p in found]
         else:
-            parts.append(ListingPart("manifest", uri, uri))
+            files = [uri]
+        for file in files:
+            if file.lower().endswith((".parquet", ".pq")):
+                parts += _split_parquet(cfg.location(file), uri)
+            else:
+                parts.append(ListingPart("manifest", file, uri))
     return parts
 
 
@@ -174,7 +201,7 @@ class _Policy:
         return entry
 
 
-def manifest_entries(loc: Location) -> list[tuple[str, str]]:
+def manifest_entries(loc: Location, row_groups: list[int] | None = None) -> list[tuple[str, str]]:
     """(where in the file, URI) of one manifest: ``.parquet``/``.pq`` or ``.csv`` with a
     ``uri`` column, else text (one URI a line; blank lines and ``#`` comments skipped).
     Relative local entries of a local manifest are relative to its folder; an empty
@@ -186,11 +213,13 @@ def manifest_entries(loc: Location) -> list[tuple[str, str]]:
         import pyarrow.parquet as pq
 
         with loc.open("rb") as f:
-            table = pq.read_table(f)
-        if "uri" not in table.column_names:
-            raise InputError(f"{uri}: no 'uri' column (columns: {table.column_names})")
-        values = table.column("uri").to_pylist()
-        entries = [(f"row {i + 1}", v) for i, v in enumerate(values)]
+            file = pq.ParquetFile(f)
+            if "uri" not in file.schema_arrow.names:
+                raise InputError(f"{uri}: no 'uri' column (columns: {file.schema_arrow.names})")
+            groups = range(file.metadata.num_row_groups) if row_groups is None else row_groups
+            first = sum(file.metadata.row_group(g).num_rows for g in range(min(groups, default=0)))
+            values = file.read_row_groups(list(groups), columns=["uri"]).column("uri").to_pylist()
+        entries = [(f"row {first + i + 1}", v) for i, v in enumerate(values)]
     else:
         with loc.open("rb") as f:
             text = io.TextIOWrapper(f, encoding="utf-8-sig").read()
@@ -228,8 +257,11 @@ def read_part(cfg: InputConfig, part: ListingPart) -> Iterator[str]:
     if part.kind == "manifest":
         loc = cfg.location(part.uri)
         policy = _Policy(cfg)
-        entries = retry_transient(lambda: manifest_entries(loc), f"reading manifest {part.uri}")
-        if not entries:
+        groups = part.options.get("row_groups")
+        entries = retry_transient(
+            lambda: manifest_entries(loc, groups), f"reading manifest {part.uri}"
+        )
+        if not entries and groups is None:
             raise InputError(f"input.manifest: {part.uri} lists no URIs")
         for where, entry in entries:
             yield policy.check(part.uri, where, entry)

@@ -31,7 +31,7 @@ from sam3ray.output.writer import ShardOutput, ShardWriter
 from sam3ray.stages.base import Resources
 from sam3ray.stages.tasks import CommitSummary, ShardResult
 from sam3ray.storage.location import Location
-from sam3ray.storage.retry import WRITES, retry_transient
+from sam3ray.storage.retry import RetryPolicy, retry_transient
 
 #: CPUs each commit task asks for (small: it only serialises Parquet).
 COMMIT_CPUS = 0.25
@@ -62,6 +62,7 @@ class CommitStage:
                 staging = merge_staging(
                     self.output, shard.shard_id, staging, (*task.concepts, *task.drop)
                 )
+                staging = _stamped(staging, self.run_id)  # kept tracks are rewritten too
                 det = owned_rows(staging, shard.span.owned, shard.span.index)
                 counts = Counter(det.column("image_id").to_pylist())
                 held = [c for c, _ in task.prints]
@@ -72,12 +73,8 @@ class CommitStage:
                 unreached = {
                     r["image_id"] for r in old.select(["image_id", "status"]).to_pylist()
                 } - accepted
-                det = pa.concat_tables(
-                    [
-                        only(det, accepted),
-                        carried_over(self.output, shard.shard_id, task.concepts, unreached),
-                    ]
-                )
+                kept = carried_over(self.output, shard.shard_id, task.concepts, unreached)
+                det = pa.concat_tables([only(det, accepted), _stamped(kept, self.run_id)])
                 counts.update(det.column("image_id").to_pylist())
             img = merge_images(old, img, counts, self.run_id)
         out = ShardOutput(
@@ -104,5 +101,18 @@ class CommitStage:
                 write_staging(self.output, shard.shard_id, staging)
             return writer.write(out), out
 
-        retry_transient(commit, f"writing shard {shard.shard_id}", WRITES)
+        # Each read and write retries on its own; this retries the shard once more as a
+        # whole (idempotent: deterministic names), for a failure between them.
+        retry_transient(commit, f"writing shard {shard.shard_id}", _SHARD_AGAIN)
         return CommitSummary.of(result)
+
+
+_SHARD_AGAIN = RetryPolicy(retries=2, base_delay=1.0, max_delay=5.0)
+
+
+def _stamped(table: pa.Table, run_id: str) -> pa.Table:
+    """Old rows this commit writes again carry its run id, as every row it writes (the
+    writer refuses rows of another run; ``merge_images`` does the same for images)."""
+    i = table.schema.get_field_index("run_id")
+    run = pa.array([run_id] * table.num_rows, table.schema.field(i).type)
+    return table.set_column(i, table.schema.field(i), run)

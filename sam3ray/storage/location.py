@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from sam3ray.core.errors import StorageError
 from sam3ray.core.uri import LOCAL_SCHEMES, local_path, rejoin, scheme
-from sam3ray.storage.retry import READS, RetryPolicy, retry_transient
+from sam3ray.storage.retry import READS, WRITES, RetryPolicy, retry_transient
 
 #: Infix of ``write_atomic``'s hidden temp files (``.<name>.tmp-<hex>``).
 TMP_INFIX = ".tmp-"
@@ -115,7 +115,8 @@ class Location:
         return retry_transient(lambda: fs.cat_file(path), f"read {self.uri}", policy)
 
     def exists(self) -> bool:
-        return self.fs.exists(self.path)
+        fs, path = self.fs, self.path
+        return retry_transient(lambda: fs.exists(path), f"stat {self.uri}", READS)
 
     def isdir(self) -> bool:
         return self.fs.isdir(self.path)
@@ -130,10 +131,15 @@ class Location:
     def list_names(self) -> list[str]:
         """Names directly below this folder (fresh listing); [] if it does not exist."""
         self.refresh()
-        try:
-            entries = self.fs.ls(self.path, detail=False)
-        except FileNotFoundError:
-            return []
+        fs, path = self.fs, self.path
+
+        def ls() -> list[str]:
+            try:
+                return fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+
+        entries = retry_transient(ls, f"list {self.uri}", READS)
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in entries]
 
     def read_many(self, relpaths: list[str]) -> dict[str, bytes | BaseException]:
@@ -150,8 +156,9 @@ class Location:
         return out
 
     # -- writing ---------------------------------------------------------------------------
-    def write_bytes(self, data: bytes) -> None:
-        """Write so that readers see the old file or the whole new one, never a part.
+    def write_bytes(self, data: bytes, policy: RetryPolicy = WRITES) -> None:
+        """Write so that readers see the old file or the whole new one, never a part
+        (retried: a whole-object write is idempotent).
 
         Local disks: a hidden temp file in the same directory, fsync, ``os.replace``
         (hidden, so pyarrow.dataset and ``*.parquet`` globs skip it). Object stores:
@@ -159,7 +166,8 @@ class Location:
         in memory, so a failure while serialising never commits a truncated object.
         """
         if not self.is_local:
-            self.fs.pipe_file(self.path, data)
+            fs, path = self.fs, self.path
+            retry_transient(lambda: fs.pipe_file(path, data), f"write {self.uri}", policy)
             return
         path = self.path
         directory, name = os.path.split(path)
@@ -178,8 +186,13 @@ class Location:
 
     def delete(self) -> None:
         """Remove this file; a missing file is fine (deletes are retried and repeated)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path)
+        fs, path = self.fs, self.path
+
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+
+        retry_transient(rm, f"delete {self.uri}", WRITES)
 
     def delete_tree(self) -> bool:
         """Remove this folder and everything below it; whether there was one."""

@@ -187,13 +187,20 @@ def test_driver_sigkill_then_resume_equals_clean_run(
     committed = assert_committed_files_whole(out)
     assert 1 <= committed < N_IMAGES, committed
     assert not (out / "runs").exists(), "a SIGKILLed driver writes no summary"
+    (dead,) = (p.name for p in (out / "_state" / "plans").iterdir())
+    assert not (out / "_state" / "runs").exists(), "the dead run never consolidated"
 
     summary = run_job(JobConfig.model_validate(data))  # resume (the default), in the test's Ray
-    assert summary["shards"]["skipped"] == committed
+    # The dead run's commits were folded into the state (kept, not redone) and what it
+    # left half-written was removed; only its uncommitted inputs are labelled now.
+    recovered = summary["plan"]["recovered_runs"][dead]
+    assert recovered["committed"] == committed and recovered["tasks"] == N_IMAGES
     assert summary["inputs_skipped_done"] == committed
     assert summary["inputs_processed"] == N_IMAGES - committed
     assert_committed_files_whole(out)
     assert_same_as_clean(str(out), clean_run)
+    again = run_job(JobConfig.model_validate(data))
+    assert again["inputs_processed"] == 0 and again["plan"]["recovered_runs"] == {}
 
 
 # -- 4. a flaky object store ---------------------------------------------------------------

@@ -120,62 +120,78 @@ def test_output_readable_by_pyarrow_pandas_duckdb(it, local_job):
     assert len(os.listdir(f"{out}/images")) == shards
 
 
-def test_resume_skips_done_shards_and_redoes_only_a_removed_one(it, local_job, tmp_path):
-    first = local_job["summary"]
-    n_shards = first["shards"]["done_now"]
+def _copy_job(local_job, tmp_path, **output_update):
+    """The module's job on a copy of its output (the module's output stays as it was)."""
     out = str(tmp_path / "labels")
-    shutil.copytree(local_job["out"], out)  # the module's output stays as it was
+    shutil.copytree(local_job["out"], out)
     base = local_job["cfg"]
-    cfg = base.model_copy(update={"output": base.output.model_copy(update={"uri": out})})
-    before = it.detection_set(it.read_output(out)[1])
+    update = {"uri": out, **output_update}
+    return base.model_copy(update={"output": base.output.model_copy(update=update)}), out
 
+
+def test_resume_with_nothing_new_does_nothing_and_starts_no_actor(it, local_job, tmp_path):
+    cfg, out = _copy_job(local_job, tmp_path)
+    before = it.detection_set(it.read_output(out)[1])
     t0 = time.perf_counter()
     again = run_job(cfg)
     wall = time.perf_counter() - t0
     assert again["inputs_processed"] == 0 and again["shards"]["done_now"] == 0
-    assert (again["inputs_skipped_done"], again["shards"]["skipped"]) == (N_IMAGES, n_shards)
+    assert again["inputs_skipped_done"] == N_IMAGES and again["plan"]["inputs"]["new"] == 0
     assert again["actors"]["count"] == 0, "no actor (no model load) when nothing is left"
+    assert again["timing_s"]["ray_init"] == 0, "a nightly run over a labelled lake starts no Ray"
     assert wall < 10, f"a resume with nothing to do took {wall:.1f} s"
-
-    # Remove one shard's commit marker and every file it lists.
-    marker_path = sorted(Path(out, "_markers").glob("*.json"))[1]
-    marker = json.loads(marker_path.read_text())
-    for rel in marker["files"]:
-        os.remove(Path(out, rel))
-    marker_path.unlink()
-
-    redo = run_job(cfg)
-    assert redo["shards"]["done_now"] == 1 and redo["shards"]["skipped"] == n_shards - 1
-    assert redo["inputs_processed"] == marker["n_inputs"]
-    assert redo["detections"] == marker["n_detections"]
-    images, detections = it.read_output(out)
-    it.check_images_invariant(images, detections, local_job["uris"])
-    assert it.detection_set(detections) == before
-    # Only the removed shard carries the new run id; the other shards kept their files.
-    pairs = {(r["shard_id"], r["run_id"]) for r in images.to_pylist()}
-    assert {sid for sid, rid in pairs if rid == redo["run_id"]} == {marker["shard_id"]}
-    assert {rid for sid, rid in pairs if sid != marker["shard_id"]} == {first["run_id"]}
+    assert it.detection_set(it.read_output(out)[1]) == before
 
 
-def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
-    """Resume after raising inference.conf: refused when the config says so, else every
-    shard is relabelled (stale concept files dropped); an exemplar added for one image
-    then relabels only that image's shard."""
+def test_new_inputs_are_labelled_alone_in_new_shards(it, local_job, tmp_path, direct_engine):
+    """Two new images (hash-like names, so they sort anywhere): the run labels exactly them,
+    in a new shard; every committed shard's files stay byte for byte."""
+    cfg, out = _copy_job(local_job, tmp_path)
     first = local_job["summary"]
-    n_shards = first["shards"]["done_now"]
-    out = str(tmp_path / "labels")
-    shutil.copytree(local_job["out"], out)
-    before = it.read_output(out)[1].select(["image_id", "class_id", "score"]).to_pylist()
-    base = local_job["cfg"]
+    files = {p: p.read_bytes() for p in Path(out).rglob("*.parquet") if "_state" not in p.parts}
+    added = []
+    for seed, name in ((100, "3f9a.png"), (101, "a07c.jpg")):
+        path = Path(cfg.input.uris[0]) / "new" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(it.image_bytes(seed, "PNG" if name.endswith("png") else "JPEG"))
+        added.append(str(path.resolve()))
+    try:
+        again = run_job(cfg)
+        assert again["inputs_processed"] == 2 and again["plan"]["inputs"]["new"] == 2
+        assert again["shards"]["new"] == 1 and again["shards"]["relabelled"] == 0
+        images, detections = it.read_output(out)
+        it.check_images_invariant(images, detections, local_job["uris"] + added)
+        runs = {r["uri"]: r["run_id"] for r in images.to_pylist()}
+        assert {runs[u] for u in added} == {again["run_id"]}
+        assert {runs[u] for u in local_job["uris"]} == {first["run_id"]}
+        for path, data in files.items():
+            assert path.read_bytes() == data, f"{path} was rewritten"
+        want = it.engine_reference(direct_engine, added)
+        got = {k: v for k, v in it.scores_by_key(detections).items() if k[0] in
+               {r["image_id"] for r in images.to_pylist() if r["uri"] in added}}  # fmt: skip
+        it.assert_same_as_engine(got, want)
+    finally:  # the module's other tests list this folder
+        shutil.rmtree(Path(cfg.input.uris[0]) / "new")
 
-    def variant(on_change: str = "redo", geometric: str | None = None) -> JobConfig:
-        return base.model_copy(
+
+def test_changed_settings_relabel_per_concept_or_are_refused(it, local_job, tmp_path):
+    """Raising inference.conf (a setting of every concept): refused when the config says so,
+    else every concept of every shard is relabelled and the output equals the old one cut
+    at the new threshold; an exemplar added for one image relabels one concept of one
+    shard; a new concept is labelled alone."""
+    first = local_job["summary"]
+    cfg0, out = _copy_job(local_job, tmp_path)
+    before = it.read_output(out)[1].select(["image_id", "class_id", "score"]).to_pylist()
+    n_shards = first["shards"]["done_now"]
+
+    def variant(on_change="redo", geometric=None, concepts=None, conf=0.6) -> JobConfig:
+        return cfg0.model_copy(
             update={
-                "output": base.output.model_copy(
-                    update={"uri": out, "on_settings_change": on_change}
+                "output": cfg0.output.model_copy(update={"on_settings_change": on_change}),
+                "inference": cfg0.inference.model_copy(update={"conf": conf}),
+                "prompts": cfg0.prompts.model_copy(
+                    update={"geometric": geometric, "concepts": concepts or cfg0.prompts.concepts}
                 ),
-                "inference": base.inference.model_copy(update={"conf": 0.6}),
-                "prompts": base.prompts.model_copy(update={"geometric": geometric}),
             }
         )
 
@@ -183,12 +199,11 @@ def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
         run_job(variant("refuse"))
     message = str(refused.value)
     assert "output.on_settings_change" in message and first["run_id"] in message
-    assert f"{n_shards} shards" in message
     assert len(list(Path(out, "runs").glob("*.json"))) == 1, "refused before any work"
 
     redo = run_job(variant())
     assert redo["shards"]["relabelled"] == redo["shards"]["done_now"] == n_shards
-    assert (redo["inputs_processed"], redo["shards"]["skipped"]) == (N_IMAGES, 0)
+    assert (redo["inputs_processed"], redo["shards"]["new"]) == (N_IMAGES, 0)
     assert redo["labelling_settings"]["image"]["inference.conf"] == 0.6
     assert f"relabelled {n_shards} shards" in summary_text(redo)
     images, detections = it.read_output(out)
@@ -210,32 +225,27 @@ def test_resume_relabels_shards_whose_settings_changed(it, local_job, tmp_path):
     )
     one = run_job(variant(geometric=str(geometric)))
     assert one["shards"]["relabelled"] == one["shards"]["done_now"] == 1
-    images = it.read_output(out)[0].to_pylist()
-    (redone,) = {r["shard_id"] for r in images if r["run_id"] == one["run_id"]}
-    assert redone == next(r["shard_id"] for r in images if r["uri"] == target)
-    assert one["inputs_processed"] == sum(r["shard_id"] == redone for r in images)
+    assert one["plan"]["by_concept"] == {it.CAT: {"edited": one["inputs_processed"]}}
+    assert set(one["detections_by_concept"]) <= {"cat"}
 
-
-def test_changing_shard_size_leaves_each_input_once(it, local_job, tmp_path):
-    """shard_size 3 -> 1000: one new shard (it keeps the first old shard's id, so that
-    shard is rewritten); every other old shard becomes an orphan whose inputs all belong
-    to the new shard, and is deleted after the run. Each input is in the output once."""
-    out = str(tmp_path / "labels")
-    shutil.copytree(local_job["out"], out)
-    before = it.scores_by_key(it.read_output(out)[1])
-    n_old = local_job["summary"]["shards"]["done_now"]
-    base = local_job["cfg"]
-    cfg = base.model_copy(
-        update={"output": base.output.model_copy(update={"uri": out, "shard_size": 1000})}
-    )
-    summary = run_job(cfg)
-    assert summary["shards"]["done_now"] == 1 and summary["inputs_processed"] == N_IMAGES
-    assert summary["shards"]["orphaned"] == n_old - 1 >= 2
-    assert summary["shards"]["orphans"] == {"deleted": n_old - 1}
+    dog = "7d1e0a11-2b3c-4d5e-8f90-a1b2c3d4e5f6"
+    more = tmp_path / "concepts-plus.csv"
+    more.write_text(Path(cfg0.prompts.concepts).read_text() + f"{dog},dog,dog,\n")
+    plus = run_job(variant(geometric=str(geometric), concepts=str(more)))
+    assert plus["shards"]["relabelled"] == n_shards and plus["inputs_processed"] == N_IMAGES
+    assert set(plus["plan"]["by_concept"]) == {dog}, "only the new concept runs"
+    assert set(plus["detections_by_concept"]) <= {"dog"}
     images, detections = it.read_output(out)
-    it.check_images_invariant(images, detections, local_job["uris"])  # each input once
-    it.assert_same_as_engine(it.scores_by_key(detections), before)  # other batch mates
-    assert len(list(Path(out, "_markers").glob("*.json"))) == 1
+    it.check_images_invariant(images, detections, local_job["uris"])
+
+
+def test_changing_shard_size_relabels_nothing(it, local_job, tmp_path):
+    """Committed shards are never re-cut: a new shard_size applies to new inputs only."""
+    cfg, out = _copy_job(local_job, tmp_path, shard_size=1000)
+    summary = run_job(cfg)
+    assert summary["inputs_processed"] == 0 and summary["shards"]["done_now"] == 0
+    images, detections = it.read_output(out)
+    it.check_images_invariant(images, detections, local_job["uris"])
 
 
 def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path):

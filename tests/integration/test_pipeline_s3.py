@@ -9,9 +9,8 @@ What was written is read back with plain pyarrow (its own S3 client), pandas
 
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -80,7 +79,8 @@ def test_s3_images_invariant_partitions_and_summary(it, moto_s3, s3_job):
     assert s["shards"]["done_now"] > s["actors"]["count"]
 
     # The bucket holds exactly: detections per (class, shard), images and a marker per
-    # shard, the run summary. No temporary or stray objects.
+    # shard, the run summary, and the state (the run's plan, one commit key per shard,
+    # its index and shards-table files). No temporary or stray objects.
     keys = keys_under(moto_s3.boto3_client(), bucket, s3_job["prefix"])
     shards = s["shards"]["done_now"]
     det_keys = [k for k in keys if k.startswith("detections/")]
@@ -92,7 +92,19 @@ def test_s3_images_invariant_partitions_and_summary(it, moto_s3, s3_job):
     assert len([k for k in keys if k.startswith("images/")]) == shards
     assert len([k for k in keys if k.startswith("_markers/")]) == shards
     assert [k for k in keys if k.startswith("runs/")] == [f"runs/{s['run_id']}.json"]
-    assert len(keys) == len(det_keys) + 2 * shards + 1
+    state = [k for k in keys if k.startswith("_state/")]
+    run = s["run_id"]
+    commits = [k for k in state if k.startswith(f"_state/commits/{run}/")]
+    assert len(commits) == shards and f"_state/runs/{run}.json" in state
+    assert [k for k in state if k.startswith("_state/plans/")] == [
+        f"_state/plans/{run}/part-00000.parquet"
+    ]
+    index = [k for k in state if k.startswith("_state/index/")]
+    assert 1 <= len(index) <= 12 and all(k.endswith(f"/{run}.parquet") for k in index)
+    tables = [k for k in state if k.startswith("_state/shards/")]
+    assert 1 <= len(tables) <= shards
+    assert len(state) == len(commits) + 2 + len(index) + len(tables)
+    assert len(keys) == len(det_keys) + 2 * shards + 1 + len(state)
 
     # pandas over s3fs reads the same partitioned dataset.
     pdf = pd.read_parquet(
@@ -110,11 +122,11 @@ def test_s3_output_matches_engine_run_directly(it, moto_s3, s3_job, direct_engin
     it.assert_same_as_engine(it.scores_by_key(detections), want)
 
 
-def test_s3_resume_skips_done_shards_and_redoes_only_a_removed_one(it, moto_s3, s3_job):
+def test_s3_resume_labels_only_new_objects(it, moto_s3, s3_job):
+    """On a copy of the output: a resume with nothing new reads the state (no marker GETs,
+    no actor); two objects uploaded since are labelled alone, in a new shard."""
     client, bucket = moto_s3.boto3_client(), s3_job["bucket"]
     first = s3_job["summary"]
-    n_shards = first["shards"]["done_now"]
-    # Work on a copy of the output, so the module's output stays as it was.
     for key in keys_under(client, bucket, s3_job["prefix"]):
         client.copy_object(
             Bucket=bucket,
@@ -129,28 +141,20 @@ def test_s3_resume_skips_done_shards_and_redoes_only_a_removed_one(it, moto_s3, 
 
     again = run_job(cfg)
     assert again["inputs_processed"] == 0 and again["shards"]["done_now"] == 0
-    assert (again["inputs_skipped_done"], again["shards"]["skipped"]) == (N_IMAGES, n_shards)
+    assert again["inputs_skipped_done"] == N_IMAGES
     assert again["timing_s"]["total"] < 10 and again["actors"]["count"] == 0
 
-    # Remove one shard's marker and the files it lists (the marker names them).
-    markers = [k for k in keys_under(client, bucket, "labels/resume/") if k.startswith("_m")]
-    victim = markers[len(markers) // 2]
-    marker = json.loads(
-        client.get_object(Bucket=bucket, Key=f"labels/resume/{victim}")["Body"].read()
-    )
-    assert marker["files"] and marker["shard_id"] in victim
-    for rel in [*marker["files"], victim]:
-        client.delete_object(Bucket=bucket, Key=f"labels/resume/{rel}")
-
-    redo = run_job(cfg)
-    assert redo["shards"]["done_now"] == 1 and redo["shards"]["skipped"] == n_shards - 1
-    assert redo["inputs_processed"] == marker["n_inputs"]
-    assert redo["detections"] == marker["n_detections"]
+    added = it.upload_images(moto_s3, bucket, "images/later", 2, start=50)
+    try:
+        more = run_job(cfg)
+    finally:  # the module's other tests list this prefix
+        for uri in added:
+            client.delete_object(Bucket=bucket, Key=uri.split(f"{bucket}/", 1)[1])
+    assert more["inputs_processed"] == 2 and more["shards"]["new"] == 1
     images, detections = it.read_output(f"{bucket}/labels/resume", arrow_fs)
-    it.check_images_invariant(images, detections, s3_job["uris"])
-    assert it.detection_set(detections) == before
-    runs_by_shard: dict[str, set[str]] = defaultdict(set)
-    for r in images.to_pylist():
-        runs_by_shard[r["shard_id"]].add(r["run_id"])
-    assert runs_by_shard.pop(marker["shard_id"]) == {redo["run_id"]}
-    assert set().union(*runs_by_shard.values()) == {first["run_id"]}
+    it.check_images_invariant(images, detections, s3_job["uris"] + added)
+    runs = {r["uri"]: r["run_id"] for r in images.to_pylist()}
+    assert {runs[u] for u in added} == {more["run_id"]}
+    assert {runs[u] for u in s3_job["uris"]} == {first["run_id"]}
+    old = {d for d in it.detection_set(detections) if d[0] not in {it.input_id(u) for u in added}}
+    assert old == before

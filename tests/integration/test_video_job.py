@@ -15,7 +15,7 @@ import pytest
 from sam3ray.config import JobConfig
 from sam3ray.core.ids import input_id
 from sam3ray.demo.videos import unknown_codec_copy, write_video
-from sam3ray.output.layout import marker_path, staging_path
+from sam3ray.output.layout import staging_path
 from sam3ray.output.readers import detections_dataset, images_dataset
 from sam3ray.output.stitch import match_tracks, volume_ious
 from sam3ray.runner.job import run_job
@@ -68,8 +68,8 @@ def test_video_job_owns_every_frame_once_stitches_tracks_and_resumes(
 
     first = run_job(cfg)
     stats = first["videos"]
-    assert first["shards"]["done_now"] == stats["shards_todo"] == 4 + 3 + 2
-    assert stats["inputs"] == 4 and stats["shards_skipped"] == 0
+    assert first["shards"]["done_now"] == stats["shards_done_now"] == 4 + 3 + 2
+    assert stats["new"] == 4 and first["plan"]["inputs"]["done"] == 0
     assert stats["stitch"].get("stitched") == 4, stats  # error videos: an empty record
     loads = first["actors"]["model_loads_per_actor"]
     assert loads and set(loads) == {1}, "the model is loaded once per actor"
@@ -86,26 +86,39 @@ def test_video_job_owns_every_frame_once_stitches_tracks_and_resumes(
     keys = [(d["image_id"], d["frame_index"], d["track_id"]) for d in dets]
     assert len(keys) == len(set(keys)), "each (video, frame, object) appears once"
     assert dets and all(d["track_id"] >= 0 for d in dets), "every id is a stitched global id"
-    span = {r["shard_id"]: (r["frame_start"], r["frame_end"]) for r in images}
     _assert_matched_tracks_share_ids(out, images, dets)
 
     before = _table(out)
-    shard = sorted(s for s in span if s.startswith("v" + input_id(good[0])))[1]
-    os.remove(os.path.join(out, marker_path(shard)))
-    redo = run_job(cfg)
-    assert redo["shards"]["done_now"] == 1, "resume redoes only the missing shard"
-    assert redo["inputs_processed"] == 1 and redo["shards"]["skipped"] == 8
-    stitched = redo["videos"]["stitch"]
-    assert stitched == {"stitched": 1, "up_to_date": 3, "rewritten_shards": 1}, stitched
-    assert _table(out) == before, "re-stitching gives the same global ids"
-    again_images = images_dataset(Location(out)).to_table().to_pylist()
-    assert {r["run_id"] for r in again_images if r["shard_id"] == shard} == {redo["run_id"]}
+    again = run_job(cfg)
+    assert again["inputs_processed"] == 0 and again["actors"]["count"] == 0
+    assert _table(out) == before
 
-    # A new stitch_iou re-stitches every video from staging, without tracking again.
+    # A new video is tracked alone; the others are left as they are.
+    third = str(write_video(root / "c.mp4", 30))
+    more = run_job(cfg)
+    assert more["videos"]["new"] == 1 and more["shards"]["done_now"] == 2
+    assert more["videos"]["stitch"] == {"stitched": 1, "rewritten_shards": 2}, more["videos"]
+    after = _table(out)
+    assert [r for r in after if r[0] != input_id(third)] == before
+    assert {r[0] for r in after} == {input_id(u) for u in (*good, third)}
+
+    # An edited concept (a new min_score) relabels that concept on every video shard and
+    # restitches; the tracks of other concepts would stay (here there is one concept).
+    edited = tmp_path / "concepts-edited.csv"
+    edited.write_text(f"class_id,name,text,min_score\n{DISC},disc,blue disc,0.0001\n")
+    cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(
+        update={"concepts": str(edited)})})  # fmt: skip
+    relabel = run_job(cfg)
+    assert relabel["shards"]["relabelled"] == 4 + 3 + 2 + 2 and relabel["shards"]["new"] == 0
+    images = images_dataset(Location(out)).to_table().to_pylist()
+    it_errors = {r["uri"]: r["error_reason"] for r in images if r["status"] == "error"}
+    assert it_errors == bad, "error shards stay errors"
+
+    # A new stitch_iou re-stitches every video from its record, without tracking again.
     restitch = run_job(cfg.model_copy(update={"video": cfg.video.model_copy(
         update={"stitch_iou": 0.99})}))  # fmt: skip
     assert restitch["shards"]["done_now"] == 0 and restitch["actors"]["count"] == 0
-    assert restitch["videos"]["stitch"].get("stitched") == 4, restitch["videos"]
+    assert restitch["videos"]["stitch"].get("stitched") == 5, restitch["videos"]
 
 
 def _assert_matched_tracks_share_ids(out, images, dets) -> None:

@@ -53,14 +53,14 @@ EVIL = "../../../../tmp/evil/..\\x"
 
 
 def write_shard(out: Path, shard_id: str, det, img) -> None:
-    ShardWriter(Location(str(out))).write(ShardOutput(shard_id, "h", "", "r1", det, img))
+    ShardWriter(Location(str(out))).write(ShardOutput(shard_id, "r1", det, img))
 
 
 def decode(input_cfg: InputConfig, uris: list[str], image_ids: list[str]) -> DecodedShard:
     """What the job's decode stage makes of one shard of ``uris`` (``max_imgsz`` 64)."""
-    shard = Shard("s1", "image", tuple(uris), tuple(image_ids), "h")
+    shard = Shard("s1", "image", tuple(uris), tuple(image_ids))
     stage = DecodeStage(input_cfg, InferenceConfig(max_imgsz=64), ResourcesConfig())
-    return stage.process(ShardTask(shard))
+    return stage.process(ShardTask(shard, (CID,)))
 
 
 # -- 1. path components -------------------------------------------------------------------

@@ -129,8 +129,7 @@ def build_output(output: str, storage_options: dict[str, Any], images_prefix: st
                                  track_id=1))  # fmt: skip
             imgs.append(_img(run_id, shard, video, "ok", n=3, width=120, height=90,
                              frame_start=0, frame_end=8))  # fmt: skip
-        writer.write(ShardOutput(shard_id=shard, members_hash=shard, settings_hash="",
-                                 run_id=run_id, detections=detections_table(dets),
+        writer.write(ShardOutput(shard_id=shard, run_id=run_id, detections=detections_table(dets),
                                  images=images_table(imgs)))  # fmt: skip
         summary = {"run_id": run_id, "status": "succeeded", "config": {
             "prompts": {"concepts": concepts_uri}, "input": {"storage_options": {}}},

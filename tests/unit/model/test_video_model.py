@@ -40,6 +40,11 @@ BOX = (130.0, 10.0, 170.0, 60.0)  # around the disc on source frame 12
 VIDEO = VideoConfig(shard_frames=12, overlap_frames=4, frame_stride=1)
 
 
+def fresh(stage: TrackStage, shard: Shard) -> ShardTask:
+    """A shard's first task: every concept of the stage."""
+    return ShardTask(shard, tuple(c.class_id for c in stage.concepts))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Two shared cores: one intra-op thread avoids oversubscription stalls."""
@@ -206,7 +211,7 @@ def test_tracking_stage_equals_the_official_video_model_on_one_shard(
     shard = shards[1]  # frames 8..19: a seek, and the box exemplar on source frame 12
     runner = bf16_stage if dtype == "bfloat16" else stage
     assert runner.tracker.dtype == dtype
-    got = runner.process(ShardTask(shard))
+    got = runner.process(fresh(runner, shard))
     assert got.images.column("status").to_pylist() == ["ok"]
     table = got.staging.to_pylist()
 
@@ -217,7 +222,7 @@ def test_tracking_stage_equals_the_official_video_model_on_one_shard(
     assert {r["query"] for r in table} == {'text:"blue disc"', "visual +1 box @12"}
     # Not the same run under another name: the other dtype scores differently.
     other = stage if dtype == "bfloat16" else bf16_stage
-    others = other.process(ShardTask(shard)).staging.column("score").to_pylist()
+    others = other.process(fresh(other, shard)).staging.column("score").to_pylist()
     assert sorted(others) != sorted(r["score"] for r in table)
 
 
@@ -237,7 +242,7 @@ def test_image_features_are_computed_once_per_frame_for_every_query(stage, clip,
         if budget is not None:
             monkeypatch.setattr(stage.tracker, "feature_cache_bytes", budget)
         seen.clear()
-        table = stage.process(ShardTask(shard)).staging.drop_columns(["created_at"])
+        table = stage.process(fresh(stage, shard)).staging.drop_columns(["created_at"])
         return table, sum(seen), dict(stage.tracker.last_feature_cache)
 
     monkeypatch.setattr(backbone, "forward_image", counting)
@@ -265,7 +270,7 @@ def test_a_session_never_outlives_its_shard(stage, clip, monkeypatch):
         return state
 
     monkeypatch.setattr(video, "new_inference_state", spy)
-    stage.process(ShardTask(clip[1][-1]))
+    stage.process(fresh(stage, clip[1][-1]))
     assert refs and all(r() is None for r in refs), "the inference state was freed"
 
 
@@ -283,7 +288,7 @@ def test_bad_shards_become_error_rows_without_stopping(stage, clip, monkeypatch)
         "geometric",
         GeometricPrompts([(None, ref.image_id, THING, Exemplar("box", (0, 0, 500, 10), True, 2))]),
     )
-    got = {k: stage.process(ShardTask(s)).images.to_pylist()[0] for k, s in bad.items()}
+    got = {k: stage.process(fresh(stage, s)).images.to_pylist()[0] for k, s in bad.items()}
     assert got["probe"]["error_reason"] == "unsupported_codec"
     assert got["beyond"]["error_reason"] == "truncated"  # the MP4 header counts 40 frames
     assert got["exemplar"]["error_reason"] == "exemplar_outside_image"
@@ -359,7 +364,32 @@ def test_point_prompts_add_an_object_through_the_tracker(stage, clip, monkeypatc
     monkeypatch.setattr(stage, "geometric", geo)
     first = shards[0]
     shard = replace(first, span=replace(first.span, frames=tuple(range(6)), owned=(0, 6)))
-    table = stage.process(ShardTask(shard)).staging.to_pylist()
+    table = stage.process(fresh(stage, shard)).staging.to_pylist()
     pts = [r for r in table if r["query"] == "visual +1 point @3"]
     assert pts and {r["score"] for r in pts} == {1.0}, "the clicked object is tracked"
     assert build_video_queries(CONCEPTS, None, 0.0)[-1].text == "blue disc"
+
+
+def test_a_relabel_tracks_only_its_concepts(stage, clip):
+    """A task that relabels one concept of a committed video shard prompts that concept
+    only; its tracks are the ones a full run finds for it; a drop-only task tracks nothing."""
+    base = clip[1][1]  # 6 of its frames (10..15) keep it cheap; the box is on frame 12
+    shard = replace(base, span=replace(base.span, frames=tuple(range(10, 16)), owned=(10, 16)))
+    full = stage.process(fresh(stage, shard)).staging
+    relabel = ShardTask(shard, (THING,), ((DISC, "a"), (THING, "b")), fresh=False, first=False)
+    again = stage.process(relabel)
+    assert set(again.staging.column("class_id").to_pylist()) == {THING}
+    assert again.images.column("status").to_pylist() == ["ok"]
+
+    def keys(table):
+        return sorted(
+            (r["frame_index"], r["query"], round(r["score"], 5), r["mask_rle"])
+            for r in table.to_pylist()
+            if r["class_id"] == THING
+        )
+
+    assert keys(full) and keys(again.staging) == keys(full)
+    assert set(full.column("class_id").to_pylist()) == {DISC, THING}, "the full run has both"
+    drop = ShardTask(shard, (), ((THING, "b"),), drop=(DISC,), fresh=False, first=False)
+    nothing = stage.process(drop)
+    assert nothing.images.num_rows == nothing.detections.num_rows == 0

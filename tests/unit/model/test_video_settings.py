@@ -49,6 +49,11 @@ POS = (130.0, 10.0, 170.0, 60.0)  # around the disc on source frame 12
 NEG = (10.0, 80.0, 60.0, 130.0)  # the lower-left corner: "not this"
 
 
+def fresh(stage: TrackStage, shard: Shard) -> ShardTask:
+    """A shard's first task: every concept of the stage."""
+    return ShardTask(shard, tuple(c.class_id for c in stage.concepts))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Two shared cores: one intra-op thread avoids oversubscription stalls."""
@@ -100,7 +105,7 @@ def synonym_stage(video_ckpt, clip):
 @pytest.fixture(scope="module")
 def raw(synonym_stage, clip):
     """The stage's own output without dedupe or cap (the reference for the knobs)."""
-    result = synonym_stage.process(ShardTask(clip[1]))
+    result = synonym_stage.process(fresh(synonym_stage, clip[1]))
     assert result.images.column("status").to_pylist() == ["ok"]
     return result.staging.to_pylist()
 
@@ -108,7 +113,7 @@ def raw(synonym_stage, clip):
 def run_with(stage: TrackStage, shard: Shard, monkeypatch, **settings) -> list[dict]:
     """The stage's staging rows with ``inference`` settings changed (same loaded model)."""
     monkeypatch.setattr(stage, "inference", InferenceConfig(conf=0.0, **settings))
-    result = stage.process(ShardTask(shard))
+    result = stage.process(fresh(stage, shard))
     assert result.images.column("status").to_pylist() == ["ok"]
     n_owned = result.detections.num_rows  # the shard owns all its frames here
     assert n_owned == result.staging.num_rows == result.images["n_detections"][0].as_py()
@@ -269,7 +274,7 @@ def test_negative_boxes_reach_add_prompt_and_name_the_query(video_ckpt, clip, mo
         return original(state, **kwargs)
 
     monkeypatch.setattr(model, "add_prompt", spy)
-    result = stage.process(ShardTask(shard))
+    result = stage.process(fresh(stage, shard))
 
     h, w = 144, 192
     assert [(c["frame_idx"], c["text_str"]) for c in calls] == [(2, "blue disc"), (4, "blue disc")]

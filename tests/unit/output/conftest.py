@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sam3ray.core.ids import image_shard_id, stable_id
+from sam3ray.core.ids import stable_id
 from sam3ray.output.schema import detections_table, images_table
+from sam3ray.plan.shards import image_shard_id
 from sam3ray.storage.location import Location
 
 
@@ -22,8 +23,8 @@ class ShardRows:
     RUN = "run-20260101-abc"
     CAT = "123e4567-e89b-42d3-a456-426614174000"
     DOG = "00000000-0000-4000-8000-000000000001"
-    SHARD = image_shard_id("s3://src/img/0.jpg")
     URIS = tuple(f"s3://src/img/{i}.jpg" for i in range(3))
+    SHARD = image_shard_id(stable_id(u) for u in URIS)
 
     def det(self, uri: str, class_id: str, score: float, frame_index: int | None = None) -> dict:
         return {

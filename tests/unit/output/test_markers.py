@@ -1,8 +1,10 @@
-"""Commit markers: strict parsing, and how resume reads them (``scan_markers``).
+"""Commit markers: strict parsing, and how they are read (``scan_markers``, ``read_marker``).
 
-A marker that cannot be *parsed* means "not done" (the shard is redone, with a
-warning); a marker that cannot be *read* must never mean "not done" (that would
-relabel a finished shard): transient failures are retried, others raise.
+Planning reads the consolidated state (``output.state``), not markers; a marker
+says what a shard's files are now (the video stitch pass and single-shard
+readers use it). A marker that cannot be *parsed* is treated as absent (with a
+warning); a marker that cannot be *read* is never taken as absent: transient
+failures are retried, others raise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def commit(out: Location, rows, shard_id: str | None = None) -> Marker:
     det, img = rows.tables()
     if shard_id != rows.SHARD:
         img = img.set_column(3, "shard_id", pa.array([shard_id] * img.num_rows))
-    return ShardWriter(out).write(ShardOutput(shard_id, "h1", "fp", rows.RUN, det, img))
+    prints = tuple(sorted({rows.CAT: "fp-cat", rows.DOG: "fp-dog"}.items()))  # as tasks hold them
+    return ShardWriter(out).write(ShardOutput(shard_id, rows.RUN, det, img, prints))
 
 
 @pytest.fixture()
@@ -61,15 +64,32 @@ def fail_reads(monkeypatch, errors: list[BaseException]) -> list[list[str]]:
 
 
 def test_marker_parsing_is_strict(rows):
-    good = Marker(rows.SHARD, "h", 3, 2, 1, 8, rows.RUN, ("images/part-x.parquet",), "2026-01-01")
+    prints = ((rows.CAT, "fp-cat"),)
+    good = Marker(
+        rows.SHARD, 3, 2, 1, 8, rows.RUN, ("images/part-x.parquet",), "2026-01-01", prints
+    )
     assert marker_from_bytes(good.to_json()) == good
+    assert json.loads(good.to_json())["prints"] == {rows.CAT: "fp-cat"}
     for broken in (
         {**good.to_dict(), "n_ok": -1},
+        {**good.to_dict(), "n_error": True},
         {**good.to_dict(), "files": "images/part-x.parquet"},
-        {k: v for k, v in good.to_dict().items() if k != "members_hash"},
+        {**good.to_dict(), "prints": [["a", "b"]]},
+        {**good.to_dict(), "prints": {rows.CAT: 3}},
+        {k: v for k, v in good.to_dict().items() if k != "run_id"},
     ):
         with pytest.raises(ValueError):
             Marker.from_dict(broken)
+
+
+def test_markers_without_prints_and_old_markers_still_parse(rows):
+    """A marker written before per-concept fingerprints (members/settings hashes) parses,
+    with no fingerprints: what it vouches for is in the state, not here."""
+    good = Marker(rows.SHARD, 3, 2, 1, 8, rows.RUN, ("images/part-x.parquet",), "t")
+    legacy = {**good.to_dict(), "members_hash": "h", "settings_hash": "fp"}
+    del legacy["prints"]
+    assert marker_from_bytes(json.dumps(legacy).encode()) == good
+    assert good.prints == ()
 
 
 def test_scan_markers_ignores_garbage(out, rows):

@@ -90,6 +90,8 @@ def test_provisional_ids_are_negative_and_unique_per_video():
 
 
 VIDEO = "00aa11bb22cc33dd"
+#: Per-concept fingerprints the shards were labelled with (kept by every rewrite).
+PRINTS = ((CAR, "fp-car"), (DOG, "fp-dog"))
 INFO = VideoInfo("/v.mp4", 28, 24.0, W, H, True, "h264")
 
 
@@ -102,8 +104,6 @@ def _shard(index: int) -> Shard:
         kind="video",
         uris=("/v.mp4",),
         image_ids=(VIDEO,),
-        members_hash=f"h{index}",
-        settings_hash="fp",
         span=span,
     )
 
@@ -129,9 +129,7 @@ def _commit(out: Location, index: int, objects, run_id: str = "run") -> Shard:
            "frame_start": owned[0], "frame_end": owned[1], "status": "ok",
            "n_detections": det.num_rows, "width": W, "height": H}  # fmt: skip
     write_staging(out, shard.shard_id, staging)
-    commit = ShardOutput(
-        shard.shard_id, shard.members_hash, shard.settings_hash, run_id, det, images_table([img])
-    )
+    commit = ShardOutput(shard.shard_id, run_id, det, images_table([img]), prints=PRINTS)
     ShardWriter(out).write(commit)
     return shard
 
@@ -201,15 +199,16 @@ def test_a_new_stitch_iou_restitches_from_staging_without_retracking(tmp_path):
     assert result["rewritten"] == 2, "shard 0 keeps its ids: only its neighbours change"
     by_frame = {f: ids for (f, _), ids in _read_ids(out).items()}
     assert [by_frame[f] for f in (0, 8, 16)] == [{0}, {1}, {2}]
-    # Not re-tracked: staging untouched, the same detections, membership, settings and run.
+    # Not re-tracked: staging untouched, the same detections, files, fingerprints and run.
     assert {s.shard_id: out.child(staging_path(s.shard_id)).read_bytes() for s in shards} == (
         staging
     )
     assert _labels(out) == labels
     after = scan_markers(out)
-    assert {k: (m.members_hash, m.settings_hash, m.run_id, m.files) for k, m in after.items()} == {
-        k: (m.members_hash, m.settings_hash, m.run_id, m.files) for k, m in markers.items()
+    assert {k: (m.prints, m.run_id, m.files) for k, m in after.items()} == {
+        k: (m.prints, m.run_id, m.files) for k, m in markers.items()
     }
+    assert all(m.prints == PRINTS for m in after.values())
     record = json.loads(out.child(f"_video/stitch/{VIDEO}.json").read_bytes())
     assert record["stitch_iou"] == 0.9
     assert stitch_video(out, shards, 0.9)["status"] == "up_to_date"

@@ -1,8 +1,8 @@
 """The writer on a local directory and on moto S3: layout, readers, commit order, clearing.
 
 Fixtures ``out`` (a ``Location`` per backend) and ``rows`` (one shard's tables) are in
-this folder's conftest.py; marker scanning is in test_markers.py, orphans in
-test_reconcile.py.
+this folder's conftest.py; marker scanning is in test_markers.py, relabelling some
+concepts of a committed shard in tests/unit/stages/test_commit_relabel.py.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections import Counter
 
 import duckdb
 import pandas as pd
@@ -36,7 +37,6 @@ from sam3ray.storage.location import Location
 def write(
     writer: ShardWriter,
     shard_id: str,
-    members: str,
     det: pa.Table,
     img: pa.Table,
     run_id: str,
@@ -44,7 +44,7 @@ def write(
 ) -> Marker:
     """One commit of a shard (replacing ``previous``'s files)."""
     prev = previous.files if previous is not None else ()
-    return writer.write(ShardOutput(shard_id, members, "", run_id, det, img, prev))
+    return writer.write(ShardOutput(shard_id, run_id, det, img, previous_files=prev))
 
 
 def files_under(root: str) -> list[str]:
@@ -59,7 +59,7 @@ def files_under(root: str) -> list[str]:
 def test_write_shard_round_trip(out, rows):
     CAT, DOG, SHARD = rows.CAT, rows.DOG, rows.SHARD
     det_t, img_t = rows.tables()
-    marker = write(ShardWriter(out), SHARD, "h1", det_t, img_t, rows.RUN)
+    marker = write(ShardWriter(out), SHARD, det_t, img_t, rows.RUN)
 
     assert marker.files == (
         f"detections/class_id={DOG}/part-{SHARD}.parquet",
@@ -105,7 +105,7 @@ def test_write_shard_round_trip(out, rows):
 def test_generic_readers_on_local_output(tmp_path, rows):
     CAT, DOG = rows.CAT, rows.DOG
     uri = str(tmp_path / "labels")
-    write(ShardWriter(Location(uri)), rows.SHARD, "h1", *rows.tables(), rows.RUN)
+    write(ShardWriter(Location(uri)), rows.SHARD, *rows.tables(), rows.RUN)
 
     hive = ds.dataset(f"{uri}/detections", format="parquet", partitioning="hive").to_table()
     assert hive.num_rows == 8
@@ -135,7 +135,7 @@ def test_shard_without_detections_writes_images_and_marker(tmp_path, rows):
     _, img_t = rows.tables()
     zeros = pa.array([0, 0, 0], pa.int32())
     img_t = img_t.set_column(img_t.schema.get_field_index("n_detections"), "n_detections", zeros)
-    marker = write(ShardWriter(loc), rows.SHARD, "h", empty_detections(), img_t, rows.RUN)
+    marker = write(ShardWriter(loc), rows.SHARD, empty_detections(), img_t, rows.RUN)
     assert marker.files == (f"images/part-{rows.SHARD}.parquet",)
     assert detections_dataset(loc).count_rows() == 0 and images_dataset(loc).count_rows() == 3
 
@@ -146,12 +146,12 @@ def test_shard_without_detections_writes_images_and_marker(tmp_path, rows):
 def test_rewrite_overwrites_and_deletes_stale_class_files(out, rows):
     CAT, DOG, SHARD, RUN = rows.CAT, rows.DOG, rows.SHARD, rows.RUN
     writer = ShardWriter(out)
-    first = write(writer, SHARD, "h1", *rows.tables(), RUN)
-    again = write(writer, SHARD, "h1", *rows.tables(), RUN, previous=first)
+    first = write(writer, SHARD, *rows.tables(), RUN)
+    again = write(writer, SHARD, *rows.tables(), RUN, previous=first)
     assert again.files == first.files
     assert detections_dataset(out).count_rows() == 8  # overwritten, not duplicated
 
-    only_cat = write(writer, SHARD, "h1", *rows.tables((CAT,)), RUN, previous=again)
+    only_cat = write(writer, SHARD, *rows.tables((CAT,)), RUN, previous=again)
     assert only_cat.files == (
         f"detections/class_id={CAT}/part-{SHARD}.parquet",
         f"images/part-{SHARD}.parquet",
@@ -170,31 +170,18 @@ def test_stale_deletion_never_touches_other_shards_files(tmp_path, rows):
     other = "s" + stable_id("other")
     det_t, img_t = rows.tables()
     img_t = img_t.set_column(3, "shard_id", pa.array([other] * 3))
-    write(writer, other, "h", det_t, img_t, RUN)
+    write(writer, other, det_t, img_t, RUN)
     foreign = (
         f"images/part-{other}.parquet",
         f"detections/class_id={CAT}/part-{other}.parquet",
         "../../outside.txt",
     )
-    forged = Marker(SHARD, "h", 0, 0, 0, 0, RUN, foreign, "t")
+    forged = Marker(SHARD, 0, 0, 0, 0, RUN, foreign, "t")
     (tmp_path / "outside.txt").write_text("keep")
-    write(writer, SHARD, "h", *rows.tables(), RUN, previous=forged)
+    write(writer, SHARD, *rows.tables(), RUN, previous=forged)
     assert images_dataset(loc).count_rows() == 6
     assert detections_dataset(loc).count_rows() == 16
     assert (tmp_path / "outside.txt").read_text() == "keep"
-
-
-def test_delete_shard_removes_its_files_then_marker(out, rows):
-    writer = ShardWriter(out)
-    marker = write(writer, rows.SHARD, "h1", *rows.tables(), rows.RUN)
-    writer.delete_shard(marker)
-    writer.delete_shard(marker)  # idempotent
-    assert scan_markers(out) == {}
-    assert detections_dataset(out).count_rows() == 0
-    assert images_dataset(out).count_rows() == 0
-
-
-# -- commit order and atomicity ---------------------------------------------------------------
 
 
 def test_marker_is_written_last(out, rows, monkeypatch):
@@ -207,7 +194,7 @@ def test_marker_is_written_last(out, rows, monkeypatch):
 
     monkeypatch.setattr(Location, "write_bytes", failing)
     with pytest.raises(OSError, match="disk full"):
-        write(ShardWriter(out), rows.SHARD, "h1", *rows.tables(), rows.RUN)
+        write(ShardWriter(out), rows.SHARD, *rows.tables(), rows.RUN)
     assert detections_dataset(out).count_rows() == 8  # data landed ...
     assert images_dataset(out).count_rows() == 3
     assert scan_markers(out) == {}  # ... but the shard is not committed
@@ -217,7 +204,7 @@ def test_local_writes_leave_no_temp_files(tmp_path, rows, monkeypatch):
     SHARD, RUN = rows.SHARD, rows.RUN
     uri = str(tmp_path / "labels")
     loc = Location(uri)
-    marker = write(ShardWriter(loc), SHARD, "h1", *rows.tables(), RUN)
+    marker = write(ShardWriter(loc), SHARD, *rows.tables(), RUN)
     write_run_summary(loc, RUN, {"n": 1})
     assert files_under(uri) == sorted([*marker.files, f"_markers/{SHARD}.json", f"runs/{RUN}.json"])
 
@@ -247,7 +234,7 @@ def test_non_canonical_class_id_is_refused_before_writing(tmp_path, rows, bad):
     det_t, img_t = rows.tables()
     det_t = det_t.set_column(6, "class_id", pa.array([bad] * det_t.num_rows))
     with pytest.raises(ValueError, match="class_id"):
-        write(ShardWriter(Location(uri)), rows.SHARD, "h", det_t, img_t, rows.RUN)
+        write(ShardWriter(Location(uri)), rows.SHARD, det_t, img_t, rows.RUN)
     assert not os.path.exists(uri)
 
 
@@ -297,13 +284,13 @@ def _case(rows, name: str) -> tuple[pa.Table, pa.Table]:
 def test_invariant_violations_raise_and_write_nothing(tmp_path, rows, name):
     uri = str(tmp_path / "labels")
     with pytest.raises(ValueError):
-        write(ShardWriter(Location(uri)), rows.SHARD, "h", *_case(rows, name), rows.RUN)
+        write(ShardWriter(Location(uri)), rows.SHARD, *_case(rows, name), rows.RUN)
     assert not os.path.exists(uri)
 
 
 def test_unsafe_ids_are_refused(tmp_path, rows):
     with pytest.raises(ValueError, match="shard_id"):
-        write(ShardWriter(Location(str(tmp_path))), "../x", "h", *rows.tables(), rows.RUN)
+        write(ShardWriter(Location(str(tmp_path))), "../x", *rows.tables(), rows.RUN)
     with pytest.raises(ValueError, match="run_id"):
         write_run_summary(Location(str(tmp_path)), "a/b", {})
 
@@ -313,7 +300,7 @@ def test_validation_casts_compatible_types(tmp_path, rows):
     det_t = det_t.set_column(9, "score", det_t.column("score").cast(pa.float64()))
     box = pa.array(det_t.column("box").to_pylist(), pa.list_(pa.float64()))
     det_t = det_t.set_column(10, "box", box)
-    marker = write(ShardWriter(Location(str(tmp_path))), rows.SHARD, "h", det_t, img_t, rows.RUN)
+    marker = write(ShardWriter(Location(str(tmp_path))), rows.SHARD, det_t, img_t, rows.RUN)
     assert marker.n_detections == 8
 
 
@@ -334,7 +321,7 @@ def test_row_builders(rows):
 
 def test_run_summary_and_clear_output(out, rows):
     RUN = rows.RUN
-    write(ShardWriter(out), rows.SHARD, "h1", *rows.tables(), RUN)
+    write(ShardWriter(out), rows.SHARD, *rows.tables(), RUN)
     where = write_run_summary(out, RUN, {"counts": {"ok": 2}, "config": {"x": 1}})
     assert where == f"{out.uri}/runs/{RUN}.json"
     assert json.loads(out.child(f"runs/{RUN}.json").read_bytes()) == {
@@ -354,12 +341,12 @@ def test_run_summary_and_clear_output(out, rows):
 
 def test_writer_pickles_without_its_filesystem(out, rows):
     writer = ShardWriter(out)
-    write(writer, rows.SHARD, "h1", *rows.tables(), rows.RUN)
+    write(writer, rows.SHARD, *rows.tables(), rows.RUN)
     clone = pickle.loads(pickle.dumps(writer))
     # Only the location travels (uri and options); the filesystem is rebuilt per process.
     assert vars(clone) == {"output": out}
     assert vars(clone.output) == {"uri": out.uri, "options": dict(out.options)}
-    marker = write(clone, rows.SHARD, "h2", *rows.tables(), rows.RUN)
+    marker = write(clone, rows.SHARD, *rows.tables(), rows.RUN)
     assert scan_markers(out)[rows.SHARD] == marker
 
 
@@ -380,3 +367,96 @@ def test_stale_temp_files_of_killed_writers_are_removed(tmp_path, rows):
     assert all(p.exists() for p in keep) and not any(p.exists() for p in old)
     assert loc.remove_stale_temp_files() == 0
     assert Location(str(tmp_path / "absent")).remove_stale_temp_files() == 0
+
+
+# -- commits of some concepts, commit keys, the run's plan -------------------------------------
+
+
+def test_a_commit_of_some_concepts_keeps_the_others_files(out, rows):
+    """A relabel writes only its concepts' rows: the kept concepts' files stay as they are
+    and stay listed in the marker, whose detection count is the images rows' sum."""
+    CAT, DOG, SHARD, RUN = rows.CAT, rows.DOG, rows.SHARD, rows.RUN
+    writer = ShardWriter(out)
+    first = writer.write(ShardOutput(SHARD, "run-0", *_retagged(rows, "run-0")))
+    dog = f"detections/class_id={DOG}/part-{SHARD}.parquet"
+    cat = f"detections/class_id={CAT}/part-{SHARD}.parquet"
+    dog_bytes = out.child(dog).read_bytes()
+    det, img = rows.tables((CAT,))
+    img = img.set_column(  # n_detections over every concept the shard holds: 2 cat + 2 dog
+        img.schema.get_field_index("n_detections"), "n_detections", pa.array([4, 4, 0], pa.int32())
+    )
+    prints = ((CAT, "fp-cat-2"), (DOG, "fp-dog"))
+    marker = writer.write(
+        ShardOutput(SHARD, RUN, det, img, prints, (cat, f"images/part-{SHARD}.parquet"), (dog,))
+    )
+    assert set(marker.files) == set(first.files) and dog in marker.files
+    assert out.child(dog).read_bytes() == dog_bytes
+    assert marker.n_detections == 8 and marker.prints == prints and marker.run_id == RUN
+    got = detections_dataset(out).to_table()
+    assert Counter(got.column("run_id").to_pylist()) == {RUN: 4, "run-0": 4}
+
+
+def _retagged(rows, run_id: str) -> tuple[pa.Table, pa.Table]:
+    """The shard's tables as another run wrote them."""
+
+    def tag(table: pa.Table) -> pa.Table:
+        i = table.schema.get_field_index("run_id")
+        return table.set_column(i, "run_id", pa.array([run_id] * table.num_rows))
+
+    det, img = rows.tables()
+    return tag(det), tag(img)
+
+
+def test_the_commit_key_is_written_after_the_marker(out, rows, monkeypatch):
+    from sam3ray.output.state import bucket_of, commit_key, committed
+
+    real, order = Location.write_bytes, []
+
+    def recording(self, data):
+        order.append(self.uri[len(out.uri) + 1 :])
+        real(self, data)
+
+    monkeypatch.setattr(Location, "write_bytes", recording)
+    key = commit_key(rows.RUN, rows.SHARD, errors=True)
+    writer = ShardWriter(out)
+    writer.write(ShardOutput(rows.SHARD, rows.RUN, *rows.tables(), commit_key=key))
+    assert order[-2:] == [f"_markers/{rows.SHARD}.json", key]
+    assert key.startswith(f"_state/commits/{rows.RUN}/")
+    assert committed(out, rows.RUN, bucket_of(rows.SHARD)) == {rows.SHARD: True}
+
+
+def test_a_rewrite_keeps_the_run_and_fingerprints_of_the_marker(tmp_path, rows):
+    loc = Location(str(tmp_path / "labels"))
+    writer = ShardWriter(loc)
+    prints = ((rows.CAT, "a"), (rows.DOG, "b"))
+    marker = writer.write(ShardOutput(rows.SHARD, rows.RUN, *rows.tables(), prints))
+    det, img = rows.tables((rows.CAT,))
+    again = writer.write(ShardOutput.rewrite(marker, det, img))
+    assert (again.run_id, again.prints) == (rows.RUN, prints)
+    assert again.files == (
+        f"detections/class_id={rows.CAT}/part-{rows.SHARD}.parquet",
+        f"images/part-{rows.SHARD}.parquet",
+    )
+    assert not list((tmp_path / "labels" / f"detections/class_id={rows.DOG}").glob("*.parquet"))
+    assert detections_dataset(loc).count_rows() == 4
+
+
+def test_overwrite_clears_labels_and_state_but_keeps_this_runs_plan(tmp_path, rows):
+    from sam3ray.output.state import plan_dir
+
+    root = tmp_path / "labels"
+    loc = Location(str(root))
+    write(ShardWriter(loc), rows.SHARD, *rows.tables(), rows.RUN)
+    for rel in (
+        f"{plan_dir('run-old')}/part-00000.parquet",
+        f"{plan_dir('run-new')}/part-00000.parquet",
+        "_state/index/bucket=001/run-old.parquet",
+        "_state/runs/run-old.json",
+        "_video/shards/vabc-0000000.parquet",
+    ):
+        loc.child(rel).write_bytes(b"x")
+    write_run_summary(loc, "run-old", {"n": 1})
+    clear_output(loc, keep=plan_dir("run-new"))
+    assert files_under(str(root)) == sorted(
+        ["_state/plans/run-new/part-00000.parquet", "runs/run-old.json"]
+    )

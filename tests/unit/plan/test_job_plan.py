@@ -1,75 +1,29 @@
-"""``plan_job`` reads and decides, never writes: overwrite and refusals delete nothing.
+"""Planning reads and decides, never writes: overwrite, relabels and refusals delete nothing.
 
-A tiny local job (PNG scenes, a concept table, a checkpoint file that planning
-only checks for existence) is planned, its shards committed with the real
-writer, and then planned again under other modes and settings.
+A small output is built by hand (``tests.support.lake``: the real commit stage and
+consolidation, fake labels, no model, no Ray), then planned again under other
+modes and settings with ``plan.job.prepare`` + ``plan.local.plan_locally``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from sam3ray.core.errors import SettingsChanged
-from sam3ray.output.markers import scan_markers
-from sam3ray.output.schema import detections_table, images_table
-from sam3ray.output.writer import ShardOutput, ShardWriter
-from sam3ray.plan.job import JobPlan, plan_job
-from tests.support.jobs import CAT, INFERENCE, images_for, job_config, write_concepts
-
-RUN = "run-committed-1"
+from sam3ray.core.errors import ConfigError, SettingsChanged
+from sam3ray.core.ids import input_id
+from sam3ray.plan.job import prepare, refuse_changes
+from sam3ray.plan.local import TooLarge, plan_locally
+from tests.support.jobs import CLASS_IDS, INFERENCE
+from tests.support.lake import Lake, run_locally
 
 
-@pytest.fixture()
-def job(tmp_path):
-    """A config factory for one small local job (4 images, shards of about 2)."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, blob in images_for(4):
-        (images / name).write_bytes(blob)
-    concepts = write_concepts(tmp_path / "prompts")
-    checkpoint = tmp_path / "sam3.pt"
-    checkpoint.write_bytes(b"never loaded by planning")
-
-    def make(**kw):
-        return job_config(
-            concepts=concepts,
-            checkpoint=str(checkpoint),
-            output=str(tmp_path / "labels"),
-            uris=[str(images)],
-            shard_size=2,
-            **kw,
-        )
-
-    return make
-
-
-def commit_all(plan: JobPlan, cfg) -> None:
-    """Commit every planned shard as a run would: one detection per image, then the marker."""
-    writer = ShardWriter(cfg.output_location)
-    for shard in plan.todo:
-        det, img = [], []
-        for ref in shard.refs:
-            common = {"run_id": plan.run_id, "image_id": ref.image_id, "uri": ref.uri}
-            img.append(
-                {**common, "shard_id": shard.shard_id, "status": "ok", "n_detections": 1}
-                | {"width": 96, "height": 72}
-            )
-            det.append(
-                {**common, "class_id": CAT, "concept": "cat", "query": 'text:"cat"'}
-                | {"score": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}
-            )
-        writer.write(
-            ShardOutput(
-                shard_id=shard.shard_id,
-                members_hash=shard.members_hash,
-                settings_hash=shard.settings_hash,
-                run_id=plan.run_id,
-                detections=detections_table(det),
-                images=images_table(img),
-            )
-        )
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    """Durability is not under test here; fsync costs ~30 ms a file on a busy CI disk."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -78,52 +32,82 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture()
-def committed(job, tmp_path):
-    """The job's shards, committed by run ``RUN``: (shard ids, files before)."""
-    cfg = job(run_id=RUN)
-    plan = plan_job(cfg)
-    assert plan.skipped == () and plan.markers == {}
-    assert len(plan.todo) >= 2 and all(s.kind == "image" for s in plan.todo)
-    commit_all(plan, cfg)
-    files = snapshot(tmp_path / "labels")
-    assert sum(f.startswith("_markers/") for f in files) == len(plan.todo)
-    assert any(f.startswith("detections/") for f in files)
-    return {s.shard_id for s in plan.todo}, files
+def lake(tmp_path) -> Lake:
+    """20 inputs in shards of 4, labelled and consolidated by one run."""
+    lake = Lake(tmp_path / "lake", n=20, shard_size=4)
+    first = run_locally(lake.config())
+    assert len(first.tasks) == 5 and first.state["committed"] == 5
+    lake.first_run = first.run_id
+    return lake
 
 
-def test_resume_with_the_same_settings_skips_every_committed_shard(job, committed):
-    shard_ids, _ = committed
-    plan = plan_job(job(on_settings_change="refuse"))
-    assert plan.todo == () and {s.shard_id for s in plan.skipped} == shard_ids
-    assert set(plan.markers) == shard_ids and plan.relabelled == ()
+def plan(cfg):
+    return plan_locally(cfg, prepare(cfg))
+
+
+def test_prepare_validates_before_listing_and_keeps_the_run_id(lake, tmp_path):
+    prepared = prepare(lake.config(run_id="my-run"))
+    assert prepared.run_id == "my-run"
+    assert set(prepared.prints.class_ids) == set(CLASS_IDS)
+    generated = prepare(lake.config(run_id=None)).run_id
+    assert generated != prepare(lake.config(run_id=None)).run_id
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        prepare(lake.config(checkpoint=str(tmp_path / "missing.pt")))
+
+
+def test_resume_with_the_same_settings_plans_nothing(lake):
+    before = snapshot(lake.output)
+    tasks, stats = plan(lake.config(on_settings_change="refuse"))
+    assert tasks == [] and stats.tasks == 0
+    assert (stats.listed, stats.done, stats.new_images) == (20, 20, 0)
     # A speed-only change is not a settings change, even for refuse.
     faster = {**INFERENCE, "images_per_batch": 1, "queries_per_forward": 2}
-    assert plan_job(job(on_settings_change="refuse", inference=faster)).todo == ()
+    cfg = lake.config(on_settings_change="refuse", inference=faster, shard_size=7)
+    tasks, stats = plan(cfg)
+    assert tasks == []
+    refuse_changes(cfg, stats)  # does not raise
+    assert snapshot(lake.output) == before, "planning writes nothing"
 
 
-def test_overwrite_plans_every_shard_and_deletes_nothing(job, committed, tmp_path):
-    shard_ids, before = committed
-    plan = plan_job(job(mode="overwrite"))
-    assert {s.shard_id for s in plan.todo} == shard_ids
-    assert plan.skipped == () and plan.markers == {} and plan.orphans == ()
-    assert plan.shards("image") == plan.todo and plan.shards("video") == ()
-    assert snapshot(tmp_path / "labels") == before, "planning must not clear the output"
-    assert set(scan_markers(job().output_location)) == shard_ids
+def test_overwrite_plans_every_input_afresh_and_deletes_nothing(lake):
+    before = snapshot(lake.output)
+    tasks, stats = plan(lake.config(mode="overwrite"))
+    assert stats.new_images == stats.listed == 20 and stats.relabel_shards == 0
+    assert all(t.fresh and t.first and set(t.concepts) == set(CLASS_IDS) for t in tasks)
+    assert sorted(i for t in tasks for i in t.shard.image_ids) == sorted(
+        input_id(u) for u in lake.uris
+    )
+    assert snapshot(lake.output) == before, "planning must not clear the output"
 
 
-def test_refused_settings_change_names_the_run_and_deletes_nothing(job, committed, tmp_path):
-    _, before = committed
+def test_a_refused_settings_change_names_the_run_and_deletes_nothing(lake):
+    before = snapshot(lake.output)
     changed = {**INFERENCE, "conf": INFERENCE["conf"] + 0.15}
-    with pytest.raises(SettingsChanged, match=RUN) as info:
-        plan_job(job(on_settings_change="refuse", inference=changed))
+    cfg = lake.config(on_settings_change="refuse", inference=changed)
+    tasks, stats = plan(cfg)
+    assert len(tasks) == 5 and stats.changed_by == {lake.first_run}
+    with pytest.raises(SettingsChanged, match=lake.first_run) as info:
+        refuse_changes(cfg, stats)
     assert "on_settings_change" in str(info.value)
-    assert snapshot(tmp_path / "labels") == before
+    assert snapshot(lake.output) == before
 
 
-def test_redo_relabels_changed_shards_without_deleting(job, committed, tmp_path):
-    shard_ids, before = committed
+def test_redo_relabels_every_concept_of_every_shard_without_deleting(lake):
+    before = snapshot(lake.output)
     changed = {**INFERENCE, "max_imgsz": INFERENCE["max_imgsz"] * 2}
-    plan = plan_job(job(on_settings_change="redo", inference=changed))
-    assert {s.shard_id for s in plan.todo} == shard_ids == set(plan.relabelled)
-    assert all(plan.previous_files(sid) for sid in shard_ids)
-    assert snapshot(tmp_path / "labels") == before
+    tasks, stats = plan(lake.config(on_settings_change="redo", inference=changed))
+    assert len(tasks) == 5 and stats.relabel_shards == 5 and stats.relabel_inputs == 20
+    for t in tasks:
+        assert set(t.concepts) == set(CLASS_IDS) and t.kept == () and t.drop == ()
+        assert not t.fresh and not t.first and t.previous_files
+    assert {cid: kinds for cid, kinds in stats.by_concept.items()} == {
+        cid: {"edited": 20} for cid in CLASS_IDS
+    }
+    assert snapshot(lake.output) == before
+
+
+def test_a_listing_past_the_local_cap_goes_to_the_cluster_engine(lake):
+    cfg = lake.config(plan={"local_max_inputs": 19})
+    with pytest.raises(TooLarge):
+        plan(cfg)
+    assert plan(lake.config(plan={"local_max_inputs": 20}))[0] == []

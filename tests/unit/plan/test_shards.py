@@ -1,181 +1,185 @@
-"""Content-defined sharding: determinism, locality of changes, cap, resume planning."""
+"""Append-only shards: new inputs cut into new shards named from their members, and what a
+committed shard needs when the concepts change (``plan.shards``). Pure functions."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 
 import pytest
 
-from sam3ray.core.ids import members_hash, stable_id
+from sam3ray.config import JobConfig
+from sam3ray.core.ids import stable_id
 from sam3ray.core.shards import InputRef, Shard
-from sam3ray.plan.shards import make_shards, orphaned_shard_ids, split_done
+from sam3ray.core.types import Concept, ConceptSet, Exemplar
+from sam3ray.output.layout import detections_path, images_path
+from sam3ray.plan.fingerprint import ConceptPrints
+from sam3ray.plan.shards import cut, fresh_task, image_shard_id, new_image_tasks, stale_task
+from sam3ray.sources.prompts import GeometricPrompts
+
+CAT = "6f1c2a4e-1b7d-4c1e-9a55-0d7f1c3e2b01"
+DOG = "7a2b3c4d-5e6f-4a1b-8c9d-0e1f2a3b4c02"
+OWL = "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e03"
+TWO = ConceptSet((Concept(CAT, "cat", ("cat", "kitten")), Concept(DOG, "dog", ("dog",))))
 
 
-def ref(uri: str) -> InputRef:
-    return InputRef.of(uri)
-
-
-def refs(n: int, prefix: str = "s3://bucket/img/") -> list[InputRef]:
-    return [ref(f"{prefix}{i:06d}.jpg") for i in range(n)]
-
-
-def starts(r: InputRef, target: int) -> bool:
-    return int(r.image_id[:8], 16) % target == 0
-
-
-def content_runs(items: list[InputRef], target: int) -> list[list[InputRef]]:
-    """Runs between content-defined boundaries only (no cap), the test's reference."""
-    runs: list[list[InputRef]] = []
-    for r in sorted(items, key=lambda r: r.uri):
-        if not runs or starts(r, target):
-            runs.append([])
-        runs[-1].append(r)
-    return runs
-
-
-def memberships(shards: list[Shard]) -> set[tuple[str, ...]]:
-    return {s.uris for s in shards}
-
-
-def test_shards_cover_inputs_once_in_uri_order_and_ids_are_deterministic():
-    items = refs(500)
-    shards = make_shards(items, target=8)
-    flat = [u for s in shards for u in s.uris]
-    assert flat == sorted(r.uri for r in items)
-    shuffled = items[:]
-    random.Random(1).shuffle(shuffled)
-    assert make_shards(shuffled, target=8) == shards
-    for s in shards:
-        assert s.shard_id == "s" + stable_id(s.uris[0])
-        assert len(s.shard_id) == 17
-        assert s.members_hash == stable_id("\n".join(sorted(s.image_ids)))
-        assert s.image_ids == tuple(stable_id(u) for u in s.uris)
-        assert len(s) == len(s.uris)
-    assert len({s.shard_id for s in shards}) == len(shards)
-
-
-def test_every_non_first_shard_starts_at_a_boundary_or_a_cap():
-    target = 4
-    shards = make_shards(refs(3000), target)
-    by_uri = {r.uri: r for r in refs(3000)}
-    for prev, s in zip(shards, shards[1:], strict=False):
-        assert starts(by_uri[s.uris[0]], target) or len(prev) == 2 * target
-        assert len(s) <= 2 * target
-
-
-def test_hard_cap_bounds_shard_size():
-    target = 50  # 60 content runs expected; P(run > 2 * target) ~ e**-2 each
-    items = refs(3000)
-    shards = make_shards(items, target)
-    assert max(len(s) for s in shards) <= 2 * target
-    long_runs = [run for run in content_runs(items, target) if len(run) > 2 * target]
-    assert long_runs, "fixture should contain a run longer than the cap"
-    assert sum(len(s) == 2 * target for s in shards) >= len(long_runs)
-
-
-def test_target_one_gives_singletons_and_bad_arguments_raise():
-    assert [len(s) for s in make_shards(refs(10), 1)] == [1] * 10
-    with pytest.raises(ValueError, match="target"):
-        make_shards(refs(3), 0)
-    with pytest.raises(ValueError, match="hex"):
-        make_shards([InputRef("a", "not-hex-at-all")], 4)
-    assert make_shards([], 4) == []
-
-
-def test_duplicate_uris_are_dropped():
-    items = refs(20)
-    shards = make_shards(items + items[:5], 4)
-    assert sum(len(s) for s in shards) == 20
-
-
-@pytest.mark.parametrize("target", [4, 16])
-def test_one_insertion_or_removal_only_changes_its_own_run(target):
-    rng = random.Random(target)
-    base = refs(2000)
-    base_shards = memberships(make_shards(base, target))
-    counted = 0
-    for trial in range(150):
-        if trial % 2:
-            new = ref(f"s3://bucket/img/{rng.randrange(2000):06d}-x{trial}.jpg")
-            items, changed_item = [*base, new], new
-        else:
-            changed_item = base[rng.randrange(len(base))]
-            items = [r for r in base if r is not changed_item]
-        after = memberships(make_shards(items, target))
-        added, removed = after - base_shards, base_shards - after
-        # Every changed shard lies inside the content run(s) touching the changed input.
-        bigger = [*base, changed_item] if changed_item not in base else base
-        runs = content_runs(bigger, target)
-        idx = next(i for i, run in enumerate(runs) if changed_item in run)
-        near = {idx} | ({idx - 1} if runs[idx][0] is changed_item and idx > 0 else set())
-        allowed = {r.uri for i in near for r in runs[i]}
-        for members in added | removed:
-            assert set(members) <= allowed
-        assert added or removed
-        touched = [run for lst in (base, items) for run in content_runs(lst, target)]
-        if all(len(run) < 2 * target for run in touched if {r.uri for r in run} & allowed):
-            counted += 1  # no cap cut involved: a split, a merge, or one shard changed
-            assert len(added) <= 2 and len(removed) <= 2
-            assert len(added) + len(removed) <= 3
-    assert counted > 50  # most trials exercise the strict count, not only confinement
-
-
-def plan_shards(
-    items: Sequence[InputRef], target: int, markers: Mapping, retry_errors: bool = False
-) -> tuple[list[Shard], list[Shard]]:
-    """Cut, then split by the resume rule: what the planner does for image shards."""
-    return split_done(make_shards(items, target), markers, retry_errors)
-
-
-def marker(h: str, n_error: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(members_hash=h, settings_hash="", n_error=n_error)
-
-
-def test_plan_skips_done_shards_and_redoes_changed_ones():
-    items = refs(300)
-    shards = make_shards(items, 8)
-    done = {s.shard_id: marker(s.members_hash) for s in shards}
-    todo, skipped = plan_shards(items, 8, done)
-    assert todo == [] and skipped == shards
-
-    # A shard whose membership changed since its marker is redone.
-    victim = shards[3]
-    done[victim.shard_id] = marker(members_hash(victim.image_ids[1:]))
-    # A shard without a marker is redone.
-    del done[shards[5].shard_id]
-    todo, skipped = plan_shards(items, 8, done)
-    assert todo == [victim, shards[5]]
-    assert len(skipped) == len(shards) - 2
-
-
-def test_plan_retry_errors():
-    items = refs(100)
-    shards = make_shards(items, 8)
-    done = {s.shard_id: marker(s.members_hash) for s in shards}
-    done[shards[0].shard_id] = marker(shards[0].members_hash, n_error=2)
-    todo, skipped = plan_shards(items, 8, done, retry_errors=False)
-    assert todo == []
-    todo, skipped = plan_shards(items, 8, done, retry_errors=True)
-    assert todo == [shards[0]] and len(skipped) == len(shards) - 1
-
-
-def test_removing_a_shard_starting_input_orphans_its_marker():
-    target = 8
-    items = refs(400)
-    shards = make_shards(items, target)
-    done = {s.shard_id: marker(s.members_hash) for s in shards}
-    # A shard cut by the content rule (not the cap), small enough to merge without a cap cut.
-    i = next(
-        i
-        for i in range(1, len(shards))
-        if len(shards[i]) >= 2
-        and starts(ref(shards[i].uris[0]), target)
-        and len(shards[i - 1]) + len(shards[i]) - 1 < 2 * target
+def cfg(**inference) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "input": {"uris": ["/data/images"]},
+            "prompts": {"concepts": "/data/concepts.csv"},
+            "model": {"checkpoint": "s3://models/sam3.pt"},
+            "output": {"uri": "/data/labels"},
+            "inference": inference,
+        }
     )
-    remaining = [r for r in items if r.uri != shards[i].uris[0]]
-    todo, _ = plan_shards(remaining, target, done)
-    assert [s.shard_id for s in todo] == [shards[i - 1].shard_id]  # absorbed shard i's rest
-    assert todo[0].uris == shards[i - 1].uris + shards[i].uris[1:]
-    assert orphaned_shard_ids(make_shards(remaining, target), done) == [shards[i].shard_id]
+
+
+def prints(concepts: ConceptSet = TWO, geometric=None, **inference) -> ConceptPrints:
+    return ConceptPrints(cfg(**inference), concepts, geometric)
+
+
+def hashed(n: int, seed: int = 0) -> list[InputRef]:
+    """Hash-named inputs (random hex keys, the layout of content-addressed lakes)."""
+    rng = random.Random(seed)
+    return [InputRef.of(f"s3://lake/{rng.getrandbits(64):016x}.jpg") for _ in range(n)]
+
+
+# -- cutting new inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, target", [(1, 8), (8, 8), (9, 8), (13, 4), (100, 7), (250, 16)])
+def test_new_inputs_are_cut_into_few_balanced_shards_none_above_target(n, target):
+    tasks = new_image_tasks(hashed(n), target, prints())
+    sizes = [len(t.shard) for t in tasks]
+    assert len(tasks) == -(-n // target), "as few shards as the target allows"
+    assert max(sizes) <= target
+    assert max(sizes) - min(sizes) <= 1, f"balanced: {sizes}"
+    covered = [i for t in tasks for i in t.shard.image_ids]
+    assert sorted(covered) == sorted(r.image_id for r in hashed(n)), "each input once"
+
+
+def test_cut_keeps_order_and_refuses_a_target_below_one():
+    assert cut([], 4) == []
+    assert cut(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [len(c) for c in cut(list(range(10)), 1)] == [1] * 10
+    with pytest.raises(ValueError, match="target"):
+        cut([1, 2], 0)
+
+
+def test_a_shard_is_named_from_its_members_whatever_their_order():
+    refs = hashed(40)
+    tasks = new_image_tasks(refs, 8, prints())
+    shuffled = refs[:]
+    random.Random(3).shuffle(shuffled)
+    assert new_image_tasks(shuffled, 8, prints()) == tasks
+    for t in tasks:
+        s = t.shard
+        assert s.shard_id == "s" + stable_id("\n".join(sorted(s.image_ids)))
+        assert s.shard_id == image_shard_id(reversed(s.image_ids))
+        assert s.image_ids == tuple(stable_id(u) for u in s.uris) and s.kind == "image"
+        assert list(s.uris) == sorted(s.uris), "members in URI order"
+    assert len({t.shard_id for t in tasks}) == len(tasks)
+
+
+def test_other_members_give_another_shard_id():
+    ids = [r.image_id for r in hashed(10)]
+    base = image_shard_id(ids)
+    assert image_shard_id(ids[:-1]) != base, "one member fewer"
+    assert image_shard_id([*ids, hashed(1, seed=9)[0].image_id]) != base, "one member more"
+    assert image_shard_id([*ids[:-1], hashed(1, seed=9)[0].image_id]) != base, "one swapped"
+    # New inputs never fall into a committed shard: a second batch gets shards of its own.
+    first = {t.shard_id for t in new_image_tasks(hashed(30), 8, prints())}
+    later = {t.shard_id for t in new_image_tasks(hashed(3, seed=5), 8, prints())}
+    assert not first & later
+
+
+def test_an_input_listed_twice_is_cut_once():
+    refs = hashed(20)
+    tasks = new_image_tasks(
+        refs + refs[:7] + [InputRef(refs[0].uri, refs[0].image_id)], 4, prints()
+    )
+    ids = [i for t in tasks for i in t.shard.image_ids]
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_a_fresh_task_labels_every_concept_and_may_overwrite_its_own_files_only():
+    (task,) = new_image_tasks(hashed(5), 8, prints())
+    p = prints()
+    assert task.fresh and task.first and task.drop == ()
+    assert task.concepts == tuple(sorted([CAT, DOG]))
+    assert dict(task.prints) == p.by_path["image"] == p.for_shard(task.shard)
+    sid = task.shard_id
+    assert set(task.previous_files) == {
+        images_path(sid),
+        detections_path(CAT, sid),
+        detections_path(DOG, sid),
+    }
+    assert task.kept == ()
+    assert fresh_task(task.shard, p) == task
+
+
+# -- what a committed shard needs ------------------------------------------------------------
+
+
+def committed(p: ConceptPrints) -> tuple[Shard, dict[str, str]]:
+    (task,) = new_image_tasks(hashed(6), 8, p)
+    return task.shard, dict(task.prints)
+
+
+def test_a_shard_labelled_with_the_current_settings_needs_nothing():
+    shard, current = committed(prints())
+    assert stale_task(shard, current, prints()) is None
+    # speed settings are no label settings
+    assert stale_task(shard, current, prints(images_per_batch=64)) is None
+
+
+def test_an_added_concept_is_labelled_alone_and_the_others_are_kept():
+    shard, current = committed(prints())
+    three = ConceptSet((*TWO.concepts, Concept(OWL, "owl", ("owl",))))
+    task = stale_task(shard, current, prints(three))
+    assert task.concepts == (OWL,) and task.drop == ()
+    assert not task.fresh and not task.first
+    assert set(task.kept) == {CAT, DOG}
+    assert dict(task.prints) == prints(three).for_shard(shard)
+    assert set(task.previous_files) == {
+        images_path(shard.shard_id),
+        detections_path(OWL, shard.shard_id),
+    }
+
+
+def test_an_edited_concept_is_relabelled_alone():
+    shard, current = committed(prints())
+    for edited in (
+        Concept(CAT, "cat", ("cat",)),  # a text less
+        Concept(CAT, "cat", ("cat", "kitten"), 0.7),  # its own threshold
+        Concept(CAT, "feline", ("cat", "kitten")),  # renamed
+    ):
+        task = stale_task(shard, current, prints(ConceptSet((edited, TWO.concepts[1]))))
+        assert task.concepts == (CAT,) and task.drop == () and task.kept == (DOG,), edited
+
+
+def test_a_removed_concept_is_dropped_and_nothing_is_labelled():
+    shard, current = committed(prints())
+    task = stale_task(shard, current, prints(ConceptSet(TWO.concepts[1:])))
+    assert task.concepts == () and task.drop == (CAT,) and task.kept == (DOG,)
+    assert dict(task.prints) == {DOG: current[DOG]}
+    assert detections_path(CAT, shard.shard_id) in task.previous_files
+    assert detections_path(DOG, shard.shard_id) not in task.previous_files
+
+
+def test_a_global_label_setting_relabels_every_concept():
+    shard, current = committed(prints())
+    task = stale_task(shard, current, prints(conf=0.55))
+    assert task.concepts == tuple(sorted([CAT, DOG])) and task.kept == () and task.drop == ()
+
+
+def test_an_exemplar_relabels_only_its_concept_on_its_own_inputs_shard():
+    refs = hashed(24)
+    tasks = new_image_tasks(refs, 8, prints())
+    target = refs[5]
+    boxes = GeometricPrompts([(target.uri, None, DOG, Exemplar("box", (1, 2, 30, 40)))])
+    with_box = prints(geometric=boxes)
+    needs = {t.shard_id: stale_task(t.shard, dict(t.prints), with_box) for t in tasks}
+    home = next(t.shard_id for t in tasks if target.image_id in t.shard.image_ids)
+    assert {sid for sid, task in needs.items() if task is not None} == {home}
+    assert needs[home].concepts == (DOG,) and needs[home].kept == (CAT,)

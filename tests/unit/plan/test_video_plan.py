@@ -6,43 +6,77 @@ container the job accepts, a frame folder, and the broken cases.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import pytest
 
-from sam3ray.config import InputConfig, VideoConfig
+from sam3ray.config import InputConfig, JobConfig, VideoConfig
+from sam3ray.core.errors import SettingsChanged
 from sam3ray.core.ids import input_id
 from sam3ray.core.shards import InputRef, Shard
+from sam3ray.core.types import Concept, ConceptSet
 from sam3ray.demo.videos import (
     truncated_copy,
     unknown_codec_copy,
     write_frame_folder,
     write_video,
 )
-from sam3ray.plan.shards import split_done
+from sam3ray.output.state import (
+    bucket_of,
+    commit_key,
+    done_inputs,
+    held_inputs,
+    index_rows,
+    task_row,
+)
+from sam3ray.plan.buckets import new_work, write_index
+from sam3ray.plan.fingerprint import ConceptPrints
+from sam3ray.plan.local import consolidate_locally, write_plan
+from sam3ray.plan.shards import fresh_task
 from sam3ray.plan.video import cut_videos, sampled_ranges
 from sam3ray.sources.video import collapse_frame_folders, is_video_uri, probe_video
 from sam3ray.storage.location import Location
+
+CAT = "6f1c2a4e-1b7d-4c1e-9a55-0d7f1c3e2b01"
 
 
 def _ref(path) -> InputRef:
     return InputRef.of(str(path))
 
 
-@dataclass
-class _Marker:
-    members_hash: str
-    n_error: int = 0
-    settings_hash: str = ""
+def _prints() -> ConceptPrints:
+    cfg = JobConfig.model_validate(
+        {
+            "input": {"uris": ["/data"]},
+            "prompts": {"concepts": "/data/concepts.csv"},
+            "model": {"checkpoint": "/m.pt"},
+            "output": {"uri": "/labels"},
+        }
+    )
+    return ConceptPrints(cfg, ConceptSet((Concept(CAT, "cat", ("cat",)),)))
 
 
-def plan_video_shards(
-    refs: Sequence[InputRef], cfg: VideoConfig, markers: Mapping, retry_errors: bool = False
-) -> tuple[list[Shard], list[Shard]]:
-    """Probe and cut, then split by the resume rule: what the planner does for videos."""
+def plan_video_shards(refs: Sequence[InputRef], cfg: VideoConfig) -> list[Shard]:
+    """Probe and cut: what the planner does with new videos."""
+    return cut_videos(refs, InputConfig(uris=[r.uri for r in refs]), cfg)
+
+
+def new_videos(output: Location, refs: Sequence[InputRef], cfg: VideoConfig) -> list[Shard]:
+    """The video shards a run plans for ``refs`` against what ``output`` holds."""
     source = InputConfig(uris=[r.uri for r in refs])
-    return split_done(cut_videos(refs, source, cfg), markers, retry_errors)
+    shards = []
+    for ref in refs:
+        bucket = bucket_of(ref.image_id)
+        held = held_inputs(output, bucket)
+        _, tasks, _ = new_work(bucket, [ref], source, cfg, _prints(), held)
+        shards += [t.shard for t in tasks]
+    return shards
+
+
+def commit_index(output: Location, run_id: str, shards: Sequence[Shard]) -> None:
+    """What consolidation adds to the index when these video shards first commit."""
+    rows = [r for s in shards for r in index_rows(task_row(fresh_task(s, _prints())))]
+    write_index(output, run_id, rows)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +116,9 @@ def test_owned_ranges_partition_the_video_and_shards_stay_bounded(n, frames, ove
 def test_plan_cuts_each_container_into_deterministic_shards(videos):
     cfg = VideoConfig(shard_frames=16, overlap_frames=4, frame_stride=2)
     refs = [_ref(videos[k]) for k in (".mp4", ".mov", ".mkv", ".webm", "frames")]
-    todo, skipped = plan_video_shards(refs, cfg, {})
-    again, _ = plan_video_shards(list(reversed(refs)), cfg, {})
-    assert todo == again and not skipped
+    todo = plan_video_shards(refs, cfg)
+    again = plan_video_shards(list(reversed(refs)), cfg)
+    assert todo == again
     by_uri: dict[str, list] = {}
     for s in todo:
         assert s.kind == "video" and s.span.error_reason is None, s
@@ -103,20 +137,25 @@ def test_plan_cuts_each_container_into_deterministic_shards(videos):
     ), "natural order: 2.jpg before 10.jpg"
 
 
-def test_resume_skips_shards_whose_marker_matches_their_frames(videos):
+def test_a_video_is_done_once_every_one_of_its_shards_committed(videos, tmp_path):
+    """The done-set counts a video's committed shards against its number of shards: a
+    video with a shard missing is planned again with that shard only (shard ids follow
+    from the cut, so committed ones are recognised), a whole one is never planned again,
+    even with other cutting settings."""
     cfg = VideoConfig(shard_frames=16, overlap_frames=4)
-    refs = [_ref(videos[".mp4"])]
-    todo, _ = plan_video_shards(refs, cfg, {})
-    markers = {s.shard_id: _Marker(s.members_hash) for s in todo[1:]}
-    markers[todo[0].shard_id] = _Marker("stale")
-    again, skipped = plan_video_shards(refs, cfg, markers)
-    assert [s.shard_id for s in again] == [todo[0].shard_id]
-    assert len(skipped) == len(todo) - 1
-    markers[todo[1].shard_id] = _Marker(todo[1].members_hash, n_error=1)
-    again, _ = plan_video_shards(refs, cfg, markers, retry_errors=True)
-    assert todo[1].shard_id in {s.shard_id for s in again}
-    changed, _ = plan_video_shards(refs, VideoConfig(shard_frames=20, overlap_frames=4), markers)
-    assert len(changed) == len(plan_video_shards(refs, VideoConfig(shard_frames=20), {})[0])
+    out = Location(str(tmp_path / "labels"))
+    refs = [_ref(videos[".mp4"]), _ref(videos[".mov"])]
+    first = new_videos(out, refs, cfg)
+    assert len(first) == 6 and {s.span.n_shards for s in first} == {3}
+    mp4 = [s for s in first if s.uris == (refs[0].uri,)]
+    mov = [s for s in first if s.uris == (refs[1].uri,)]
+    commit_index(out, "run-1", [*mp4, *mov[:2]])  # mov's last shard never committed
+    assert new_videos(out, refs, cfg) == mov[2:]
+    with pytest.raises(SettingsChanged, match="clip.mov is partly labelled"):
+        new_videos(out, refs, VideoConfig(shard_frames=20, overlap_frames=4))
+    commit_index(out, "run-2", [mov[2]])
+    assert new_videos(out, refs, cfg) == []
+    assert new_videos(out, refs, VideoConfig(shard_frames=20, overlap_frames=4)) == []
 
 
 @pytest.mark.parametrize(
@@ -131,7 +170,7 @@ def test_resume_skips_shards_whose_marker_matches_their_frames(videos):
     ],
 )
 def test_a_bad_video_becomes_one_error_shard_with_a_reason(videos, key, reason):
-    todo, _ = plan_video_shards([_ref(videos[key])], VideoConfig(), {})
+    todo = plan_video_shards([_ref(videos[key])], VideoConfig())
     assert len(todo) == 1
     shard = todo[0]
     span = shard.span
@@ -161,3 +200,38 @@ def test_probe_reads_through_fsspec_from_s3(moto_s3, videos):
     uri = moto_s3.put(bucket, "clips/clip.mp4", videos[".mp4"].read_bytes())
     info = probe_video(Location(uri, moto_s3.storage_options))
     assert (info.n_frames, info.width, info.height, info.fps) == (40, 192, 144, 24.0)
+
+
+def test_a_partly_committed_video_resumes_with_its_missing_shards_only(videos, tmp_path):
+    """A run died between the shards of a video: the next runs label only the missing
+    shards, and a dead rerun never touches what the earlier run committed."""
+    cfg = VideoConfig(shard_frames=16, overlap_frames=4)
+    out = Location(str(tmp_path / "labels"))
+    ref = _ref(videos[".mp4"])
+    source = InputConfig(uris=[ref.uri])
+    bucket = bucket_of(ref.image_id)
+
+    def plan_and_commit(run_id: str, commit: list[int]) -> list:
+        held = held_inputs(out, bucket)
+        _, tasks, _ = new_work(bucket, [ref], source, cfg, _prints(), held)
+        write_plan(out, run_id, tasks)
+        for k in commit:
+            sid = tasks[k].shard_id
+            out.child(f"images/part-{sid}.parquet").write_bytes(run_id.encode())
+            out.child(commit_key(run_id, sid)).write_bytes(b"{}")
+        consolidate_locally(out, run_id, 1000)
+        return tasks
+
+    first = plan_and_commit("20260101T000001Z-one", [0, 1])  # died before the last shard
+    assert len(first) == 3 and ref.image_id not in done_inputs(out, bucket)
+    again = plan_and_commit("20260101T000002Z-two", [])  # died before committing anything
+    assert [t.shard_id for t in again] == [first[2].shard_id]
+    assert all(t.first for t in again)
+    for task in first[:2]:
+        kept = out.child(f"images/part-{task.shard_id}.parquet")
+        assert kept.read_bytes() == b"20260101T000001Z-one", "run one's shard lost its files"
+    assert ref.image_id not in done_inputs(out, bucket)
+    last = plan_and_commit("20260101T000003Z-three", [0])
+    assert [t.shard_id for t in last] == [first[2].shard_id]
+    assert ref.image_id in done_inputs(out, bucket)
+    assert plan_and_commit("20260101T000004Z-four", []) == []

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from sam3ray.config import InferenceConfig, InputConfig, ModelConfig, ResourcesConfig
-from sam3ray.core.ids import image_shard_id, input_id, members_hash
+from sam3ray.core.ids import input_id
 from sam3ray.core.shards import Shard
 from sam3ray.core.types import Concept, ConceptSet, Detection
 from sam3ray.output.markers import scan_markers
 from sam3ray.output.schema import detections_table, images_table
+from sam3ray.plan.shards import image_shard_id
 from sam3ray.sources.listing import list_inputs
 from sam3ray.stages.commit import CommitStage
 from sam3ray.stages.decode import DecodeStage
@@ -39,10 +40,11 @@ from tests.support.s3proxy import FlakyS3Proxy
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def image_shard(uris: list[str], mh: str | None = None) -> ShardTask:
+def image_shard(uris: list[str]) -> ShardTask:
+    """A fresh task over ``uris`` (one concept: THING)."""
     ids = tuple(input_id(u) for u in uris)
-    shard = Shard(image_shard_id(uris[0]), "image", tuple(uris), ids, mh or members_hash(ids))
-    return ShardTask(shard)
+    shard = Shard(image_shard_id(ids), "image", tuple(uris), ids)
+    return ShardTask(shard, (THING,), ((THING, "fp"),))
 
 
 def decode_stage(max_pixels: int, max_imgsz: int) -> DecodeStage:
@@ -91,7 +93,8 @@ class _FakeEngine:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def predict(self, images, exemplars=None, orig_sizes=None):
+    def predict(self, images, exemplars=None, orig_sizes=None, only=None):
+        assert only is None, "a fresh task labels every concept"
         self.calls.append(len(images))
         if any(img.shape[:2] == (13, 17) for img in images):
             raise RuntimeError("shape mismatch in the mask decoder")
@@ -184,14 +187,14 @@ def test_retry_transient_retries_only_what_may_pass(caplog):
     assert len(calls) == 4 and is_transient(_Throttled())
 
 
-def _tables(uri: str):
+def _tables(uri: str, shard_id: str):
     img = images_table(
         [
             {
                 "run_id": "r1",
                 "image_id": input_id(uri),
                 "uri": uri,
-                "shard_id": "s" + input_id(uri),
+                "shard_id": shard_id,
                 "status": "ok",
                 "n_detections": 1,
                 "width": 8,
@@ -242,8 +245,8 @@ def test_writes_and_listings_survive_a_throttled_store(moto_s3):
         worker = WorkerInfo(os.getpid(), time.time(), 0.0, "m")
         for i in range(2):
             uri = f"s3://{bucket}/in/{i:02d}.png"
-            det, img = _tables(uri)
-            task = image_shard([uri], mh="h")
+            task = image_shard([uri])
+            det, img = _tables(uri, task.shard_id)
             summary = commit.process(ShardResult(task, det, img, worker, time.time()))
             assert (summary.n_inputs, summary.n_detections) == (1, 1)
     assert proxy.injected["PUT"] >= 5 and proxy.bursts_served >= 2

@@ -12,16 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
 from sam3ray import Concept, ConceptSet, InferenceConfig, ModelConfig, Sam3Engine
 from sam3ray.config import InputConfig, ResourcesConfig
-from sam3ray.core.ids import image_shard_id, input_id, members_hash
+from sam3ray.core.ids import input_id
 from sam3ray.core.shards import Shard, VideoInfo, VideoSpan
 from sam3ray.output.layout import detections_path, images_path, marker_path
 from sam3ray.output.markers import read_marker
 from sam3ray.output.parquet import read_table
+from sam3ray.output.state import commit_key
+from sam3ray.plan.shards import image_shard_id
 from sam3ray.stages.commit import CommitStage
 from sam3ray.stages.decode import DecodeStage
 from sam3ray.stages.segment import SegmentStage
@@ -43,6 +46,8 @@ CONCEPTS = ConceptSet(
 INFERENCE = InferenceConfig(conf=0.3, iou=0.7, nms=True, max_det=20, max_imgsz=100)
 SIZES = [(96, 128), (120, 90), (64, 64)]  # (h, w); the corrupt file sits second
 RUN = "run-1"
+#: The shard's per-concept fingerprints once its task commits.
+PRINTS = tuple(sorted({CAT: "fp-cat", PERSON: "fp-person"}.items()))
 #: Columns that carry what the model found and where (created_at is a wall-clock stamp).
 DET_COLUMNS = (
     "image_id", "uri", "class_id", "concept", "query", "score", "box", "mask_rle",
@@ -101,7 +106,12 @@ def inputs(tmp_path_factory):
 def shard(inputs) -> Shard:
     uris = tuple(inputs[0])
     ids = tuple(input_id(u) for u in uris)
-    return Shard(image_shard_id(uris[0]), "image", uris, ids, members_hash(ids), "settings-1")
+    return Shard(image_shard_id(ids), "image", uris, ids)
+
+
+def fresh(shard: Shard, **kw) -> ShardTask:
+    """The shard's first task: every concept."""
+    return ShardTask(shard, (CAT, PERSON), PRINTS, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +120,7 @@ def decoded(inputs, shard) -> DecodedShard:
         InputConfig(uris=[str(Path(inputs[0][0]).parent)]), INFERENCE, ResourcesConfig()
     )
     stage.setup()
-    return stage.process(ShardTask(shard, previous_files=("stale.parquet",)))
+    return stage.process(fresh(shard, previous_files=("stale.parquet",)))
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +221,58 @@ def test_segment_rows_equal_the_engine_run_directly(tiny_checkpoint, inputs, sha
         assert np.array_equal(np.float32(g["box"]), np.float32(w["box"]))
 
 
+def _relabelled(segmented, decoded, monkeypatch) -> tuple[str, pa.Table, ShardResult]:
+    """The concept the full run found most of, its rows there, and a relabel of it alone."""
+    stage, result, _ = segmented
+    monkeypatch.setattr(stage, "metrics", Recorder())
+    cid = Counter(result.detections.column("class_id").to_pylist()).most_common(1)[0][0]
+    task = ShardTask(decoded.task.shard, (cid,), PRINTS, fresh=False, first=False)
+    want = result.detections.filter(pc.equal(result.detections.column("class_id"), cid))
+    return cid, want, stage.process(DecodedShard(task, decoded.images))
+
+
+def _keys(table: pa.Table) -> set[tuple]:
+    cols = ("image_id", "query", "score", "area", "mask_rle")
+    return {
+        (r["image_id"], r["query"], float(np.float32(r["score"])), r["area"], r["mask_rle"])
+        for r in table.select(list(cols)).to_pylist()
+    }
+
+
+def test_a_relabel_runs_only_its_concepts(segmented, decoded, monkeypatch):
+    """A task that relabels one concept of a committed shard asks the engine for that
+    concept only, finds (at least) what the full run found of it, and counts its rows."""
+    cid, want, again = _relabelled(segmented, decoded, monkeypatch)
+    assert set(again.detections.column("class_id").to_pylist()) == {cid}
+    assert want.num_rows > 0 and _keys(want) <= _keys(again.detections)
+    per_input = Counter(again.detections.column("image_id").to_pylist())
+    assert max(per_input.values()) <= INFERENCE.max_det
+    rows = again.images.to_pylist()
+    assert [r["n_detections"] for r in rows] == [per_input[r["image_id"]] for r in rows]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known design gap: inference.max_det caps detections per image over ALL concepts "
+    "(model.engine._finish), so one concept relabelled alone keeps more rows than a full run: "
+    "labels depend on the order concepts were added, and an image can exceed max_det",
+)
+def test_a_relabel_gives_the_labels_a_full_run_gives(segmented, decoded, monkeypatch):
+    _, want, again = _relabelled(segmented, decoded, monkeypatch)
+    assert _keys(again.detections) == _keys(want)
+
+
+def test_a_drop_only_task_reads_and_labels_nothing(inputs, shard, segmented):
+    stage, _, _ = segmented
+    task = ShardTask(shard, (), ((PERSON, "fp-person"),), drop=(CAT,), fresh=False, first=False)
+    decoder = DecodeStage(InputConfig(uris=["/nowhere"]), INFERENCE, ResourcesConfig())
+    decoded = decoder.process(task)
+    assert decoded.images == () and decoded.task == task
+    result = stage.process(decoded)
+    assert result.images.num_rows == result.detections.num_rows == 0
+
+
 # --------------------------------------------------------------------------- commit
 
 
@@ -235,13 +297,14 @@ def test_commit_writes_the_shard_marker_last_and_summarises_it(
     classes = sorted(set(det.column("class_id").to_pylist()))
     expected = [out.child(detections_path(c, shard.shard_id)).uri for c in classes]
     expected += [out.child(images_path(shard.shard_id)).uri]
-    assert sorted(writes[:-1]) == sorted(expected)
-    assert writes[-1] == out.child(marker_path(shard.shard_id)).uri  # the marker comes last
+    assert sorted(writes[:-2]) == sorted(expected)
+    assert writes[-2] == out.child(marker_path(shard.shard_id)).uri  # then the marker,
+    assert writes[-1] == out.child(commit_key(RUN, shard.shard_id, errors=True)).uri  # the key
 
     marker = read_marker(out, shard.shard_id)
     assert (marker.n_inputs, marker.n_ok, marker.n_error) == (4, 3, 1)
     assert marker.n_detections == det.num_rows
-    assert (marker.members_hash, marker.settings_hash) == (shard.members_hash, "settings-1")
+    assert marker.prints == PRINTS
     assert marker.run_id == RUN
     images = read_table(out.child(images_path(shard.shard_id)))
     assert sorted(images.column("uri").to_pylist()) == sorted(shard.uris)
@@ -265,8 +328,10 @@ def test_commit_writes_the_shard_marker_last_and_summarises_it(
 def test_tasks_and_results_survive_pickling(segmented, shard):
     """The Ray adapter moves hand-offs pickled: they must come back equal."""
     _, result, _ = segmented
-    task = ShardTask(shard, previous_files=("images/part-x.parquet",))
+    task = fresh(shard, previous_files=("images/part-x.parquet",))
     assert pickle.loads(pickle.dumps(task)) == task
+    relabel = ShardTask(shard, (PERSON,), PRINTS, drop=(CAT,), fresh=False, first=False)
+    assert pickle.loads(pickle.dumps(relabel)) == relabel
 
     info = VideoInfo("/v/clip.mp4", 40, 24.0, 192, 144, True, "h264")
     video = Shard(
@@ -274,11 +339,9 @@ def test_tasks_and_results_survive_pickling(segmented, shard):
         "video",
         (info.uri,),
         ("abc",),
-        "m",
-        "s",
         VideoSpan(1, 4, tuple(range(8, 20)), (8, 16), info),
     )
-    assert pickle.loads(pickle.dumps(ShardTask(video))) == ShardTask(video)
+    assert pickle.loads(pickle.dumps(fresh(video))) == fresh(video)
 
     back = pickle.loads(pickle.dumps(result))
     assert back.task == result.task
@@ -288,7 +351,7 @@ def test_tasks_and_results_survive_pickling(segmented, shard):
     assert back.finished_at == result.finished_at and back.staging is None
 
     staged = ShardResult(
-        ShardTask(video),
+        fresh(video),
         result.detections,
         result.images,
         result.worker,
