@@ -1,7 +1,8 @@
 """The job's Ray Data pipelines, built from stages through the one adapter.
 
-    images: ShardTask ─► DecodeStage (tasks) ─► SegmentStage (actors) ─► CommitStage (tasks)
-    videos: ShardTask ─► TrackStage (actors) ─► CommitStage (tasks)  then a stitch task per video
+    images: ShardTask ─► SegmentStage (actors: read + decode + label) ─► CommitStage (tasks)
+    videos: ShardTask ─► TrackStage (actors: decode + track) ─► CommitStage (tasks)
+            then a stitch task per video
 
 Only one small :class:`~sam3ray.stages.tasks.CommitSummary` per shard comes
 back to the driver.
@@ -22,7 +23,6 @@ from sam3ray.plan.job import JobPlan
 from sam3ray.runner.adapter import apply, dataset_of, results
 from sam3ray.runner.metrics import RayMetrics
 from sam3ray.stages.commit import CommitStage
-from sam3ray.stages.decode import DecodeStage
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import CommitSummary, ShardTask
 from sam3ray.stages.track import TrackStage
@@ -43,7 +43,7 @@ def _model_stage(cfg: JobConfig, plan: JobPlan, kind: str) -> SegmentStage | Tra
         return TrackStage(
             cfg.model, cfg.inference, cfg.video, cfg.input, cfg.resources, plan.concepts, **common
         )
-    return SegmentStage(cfg.model, cfg.inference, cfg.resources, plan.concepts, **common)
+    return SegmentStage(cfg.model, cfg.inference, cfg.input, cfg.resources, plan.concepts, **common)
 
 
 def label_pipeline(
@@ -51,16 +51,14 @@ def label_pipeline(
 ) -> Iterator[CommitSummary]:
     """Label and commit every shard of one kind ("image" or "video") of the plan.
 
-    Images are decoded by CPU tasks before the model actors; a video shard is decoded
-    by its actor (frames go straight into the model's input tensor).
+    The model actors read and decode their own inputs (images in a bounded prefetch
+    pool, video frames straight into the model's input tensor), so rows carry URIs.
     """
     tasks = [ShardTask(s, plan.previous_files(s.shard_id)) for s in plan.shards(kind)]
     if not tasks:
         return
     n = len(tasks)
     ds = dataset_of(tasks)
-    if kind == "image":
-        ds = apply(ds, DecodeStage(cfg.input, cfg.inference, cfg.resources), n_rows=n)
     ds = apply(ds, _model_stage(cfg, plan, kind), n_rows=n, num_gpus=num_gpus)
     ds = apply(ds, CommitStage(cfg.output_location, plan.run_id), n_rows=n)
     yield from results(ds)

@@ -69,6 +69,7 @@ def test_speed_and_placement_settings_do_not():
     base = digest(cfg())
     assert digest(cfg(model__device="cuda", model__dtype="bfloat16", model__compile=True)) == base
     assert digest(cfg(inference__images_per_batch=32, inference__queries_per_forward=8)) == base
+    assert digest(cfg(inference__images_per_batch=4, inference__queries_per_forward="auto")) == base
     assert digest(cfg(resources__gpus_per_actor=0.5, resources__actors=[2, 4])) == base
     assert digest(cfg(output__shard_size=16, video__shard_frames=32)) == base
     # Table order and text order are not settings.
@@ -81,7 +82,7 @@ def test_job_settings_are_plain_json():
     assert json.loads(json.dumps(settings)) == settings
     assert settings["image"] == {
         "inference.conf": 0.4, "inference.iou": 0.7, "inference.nms": True,
-        "inference.max_det": 300, "inference.max_imgsz": 1036,
+        "inference.max_det": 300, "inference.max_imgsz": None,
         "model.checkpoint": "s3://models/sam3.pt",
     }  # fmt: skip
     assert settings["video"] == {
@@ -116,6 +117,7 @@ SPEED_CHANGES = {
     ("resources", "cpus_per_actor"): 3.0,
     ("resources", "actors"): [3, 5],
     ("resources", "decode_cpus"): 0.5,
+    ("resources", "decode_threads"): 2,
     ("resources", "ray_address"): "ray://head:10001",
     ("resources", "object_store_memory"): 10**9,
     ("video", "feature_cache_mib"): 0,

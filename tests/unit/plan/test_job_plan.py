@@ -122,7 +122,7 @@ def test_refused_settings_change_names_the_run_and_deletes_nothing(job, committe
 
 def test_redo_relabels_changed_shards_without_deleting(job, committed, tmp_path):
     shard_ids, before = committed
-    changed = {**INFERENCE, "max_imgsz": INFERENCE["max_imgsz"] * 2}
+    changed = {**INFERENCE, "max_imgsz": 512}
     plan = plan_job(job(on_settings_change="redo", inference=changed))
     assert {s.shard_id for s in plan.todo} == shard_ids == set(plan.relabelled)
     assert all(plan.previous_files(sid) for sid in shard_ids)

@@ -1,7 +1,10 @@
-"""The image stages without Ray: decode -> segment -> commit, called directly.
+"""The image stages without Ray: segment (reads, decodes, labels) -> commit, called directly.
 
 The runner's Ray adapter only moves these stages' typed hand-offs between
-processes (pickled), so what is checked here is what a job does per shard.
+processes (pickled), so what is checked here is what a job does per shard:
+rows equal to the engine run directly on the original pixels, the overlap of
+one batch's host work with the next batch's forward, and out-of-memory errors
+that split a batch instead of costing the shard.
 """
 
 from __future__ import annotations
@@ -23,15 +26,8 @@ from sam3ray.output.layout import detections_path, images_path, marker_path
 from sam3ray.output.markers import read_marker
 from sam3ray.output.parquet import read_table
 from sam3ray.stages.commit import CommitStage
-from sam3ray.stages.decode import DecodeStage
 from sam3ray.stages.segment import SegmentStage
-from sam3ray.stages.tasks import (
-    CommitSummary,
-    DecodedShard,
-    ShardResult,
-    ShardTask,
-    WorkerInfo,
-)
+from sam3ray.stages.tasks import CommitSummary, ShardResult, ShardTask, WorkerInfo
 from sam3ray.storage.location import Location
 from tests.support.images import encode, scene
 from tests.support.jobs import CAT, PERSON
@@ -39,8 +35,8 @@ from tests.support.jobs import CAT, PERSON
 CONCEPTS = ConceptSet(
     (Concept(CAT, "cat", ("cat", "kitten")), Concept(PERSON, "person", ("person",)))
 )
-#: max_imgsz below the images' long sides: decode shrinks, rows keep original pixels.
-INFERENCE = InferenceConfig(conf=0.3, iou=0.7, nms=True, max_det=20, max_imgsz=100)
+#: Two images per batch (so a shard has several), masks in original pixels.
+INFERENCE = InferenceConfig(conf=0.3, iou=0.7, nms=True, max_det=20, images_per_batch=2)
 SIZES = [(96, 128), (120, 90), (64, 64)]  # (h, w); the corrupt file sits second
 RUN = "run-1"
 #: Columns that carry what the model found and where (created_at is a wall-clock stamp).
@@ -105,50 +101,19 @@ def shard(inputs) -> Shard:
 
 
 @pytest.fixture(scope="module")
-def decoded(inputs, shard) -> DecodedShard:
-    stage = DecodeStage(
-        InputConfig(uris=[str(Path(inputs[0][0]).parent)]), INFERENCE, ResourcesConfig()
-    )
-    stage.setup()
-    return stage.process(ShardTask(shard, previous_files=("stale.parquet",)))
-
-
-@pytest.fixture(scope="module")
-def segmented(tiny_checkpoint, decoded):
+def segmented(tiny_checkpoint, inputs, shard):
     metrics = Recorder()
     stage = SegmentStage(
         ModelConfig(checkpoint=tiny_checkpoint, device="cpu"),
         INFERENCE,
+        InputConfig(uris=[str(Path(inputs[0][0]).parent)]),
         ResourcesConfig(gpus_per_actor=0),
         CONCEPTS,
         run_id=RUN,
         metrics=metrics,
     )
     stage.setup()
-    return stage, stage.process(decoded), metrics
-
-
-# --------------------------------------------------------------------------- decode
-
-
-def test_decode_keeps_every_input_and_turns_the_corrupt_one_into_an_error(inputs, decoded, shard):
-    uris, arrays = inputs
-    assert decoded.task.shard == shard
-    assert decoded.task.previous_files == ("stale.parquet",)
-    assert [d.uri for d in decoded.images] == list(uris)
-    assert [d.image_id for d in decoded.images] == list(shard.image_ids)
-    bad = decoded.images[1]
-    assert not bad.ok and bad.error_reason == "truncated"
-    assert bad.pixels is None and bad.orig_size is None and bad.error
-    for d, src in zip(decoded.images, arrays):
-        if src is None:
-            continue
-        h, w = src.shape[:2]
-        assert d.ok and d.error is None and d.orig_size == (h, w)
-        assert d.pixels.dtype == np.uint8 and d.pixels.shape[2] == 3
-        assert max(d.pixels.shape[:2]) == min(max(h, w), INFERENCE.max_imgsz)
-        if max(h, w) <= INFERENCE.max_imgsz:
-            assert np.array_equal(d.pixels, src)  # PNG is lossless; nothing to shrink
+    return stage, stage.process(ShardTask(shard, previous_files=("stale.parquet",))), metrics
 
 
 # --------------------------------------------------------------------------- segment
@@ -160,11 +125,13 @@ def test_segment_gives_one_images_row_per_input_and_detections_only_for_ok_ones(
     _, result, metrics = segmented
     uris, arrays = inputs
     assert isinstance(result, ShardResult) and result.task.shard == shard
+    assert result.task.previous_files == ("stale.parquet",)
     assert result.staging is None
     img = result.images.to_pylist()
     assert [r["uri"] for r in img] == list(uris)
     assert [r["status"] for r in img] == ["ok", "error", "ok", "ok"]
     assert img[1]["error_reason"] == "truncated" and img[1]["n_detections"] == 0
+    assert img[1]["error"].startswith("DecodeError: truncated")
     assert {r["shard_id"] for r in img} == {shard.shard_id} and {r["run_id"] for r in img} == {RUN}
     for row, src in zip(img, arrays):
         if src is not None:
@@ -180,13 +147,19 @@ def test_segment_gives_one_images_row_per_input_and_detections_only_for_ok_ones(
 
 
 def test_segment_rows_equal_the_engine_run_directly(tiny_checkpoint, inputs, shard, segmented):
-    """Decode + segment give exactly what Sam3Engine.predict gives on the source pixels."""
+    """Read + decode + segment give exactly what Sam3Engine.predict gives on the source
+    pixels, in the same batches (the corrupt file does not count as a batch member)."""
     stage, result, _ = segmented
     uris, arrays = inputs
     engine = Sam3Engine.from_checkpoint(tiny_checkpoint, CONCEPTS, INFERENCE, device="cpu")
     assert engine.model_id == stage.engine.model_id
     ok = [i for i, a in enumerate(arrays) if a is not None]
-    found = engine.predict([arrays[i] for i in ok])
+    step = INFERENCE.images_per_batch
+    found = [
+        dets
+        for s in range(0, len(ok), step)
+        for dets in engine.predict([arrays[i] for i in ok[s : s + step]])
+    ]
     want = []
     for i, dets in zip(ok, found):
         h, w = arrays[i].shape[:2]
@@ -209,6 +182,158 @@ def test_segment_rows_equal_the_engine_run_directly(tiny_checkpoint, inputs, sha
         }
         assert np.float32(g["score"]) == np.float32(w["score"])
         assert np.array_equal(np.float32(g["box"]), np.float32(w["box"]))
+
+
+def test_columns_give_the_table_the_row_builder_gives(segmented):
+    """The image path builds detection tables from the engine's columns; the video path
+    from Detection rows. Same batch, both builders: the same table."""
+    from sam3ray.output.schema import detections_table, utc_now
+    from sam3ray.stages.rows import InputInfo, batch_detections_table, detection_rows
+    from tests.support.images import scene
+
+    stage = segmented[0]
+    images = [scene(3, (90, 70)), scene(4, (50, 120))]
+    found = stage.engine.launch(images).result()
+    assert len(found) > 0 and found.counts().tolist() == [len(x) for x in found.per_image()]
+    infos = [InputInfo(RUN, f"id{i}", f"/x/{i}.png", w, h, "m@1") for i, (h, w, _) in
+             enumerate(img.shape for img in images)]  # fmt: skip
+    now = utc_now()
+    columns = batch_detections_table(infos, found, now=now)
+    rows = [r for info, dets in zip(infos, found.per_image()) for r in
+            detection_rows(info, dets, now=now)]  # fmt: skip
+    assert columns.equals(detections_table(rows))
+
+
+class Timeline:
+    """Wraps the stage's engine; records when each batch's device and host phases ran."""
+
+    def __init__(self, inner) -> None:
+        import threading
+
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.events: list[tuple[str, int, float, str]] = []
+        self._threading = threading
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, images, exemplars=None):
+        import time
+
+        k = sum(1 for e in self.events if e[0] == "launch-start")
+        self.events.append(("launch-start", k, time.perf_counter(), ""))
+        pending = self.inner.launch(images, exemplars)
+        self.events.append(("launch-end", k, time.perf_counter(), ""))
+        timeline, real = self, pending.result
+
+        def result():
+            timeline.events.append(
+                ("host-start", k, time.perf_counter(), timeline._threading.current_thread().name)
+            )
+            return real()
+
+        pending.result = result
+        return pending
+
+
+def test_host_phase_of_a_batch_overlaps_the_next_batchs_forward(segmented, shard):
+    """While batch k+1's forward runs, a worker thread finishes batch k (COCO strings,
+    table): the device never waits for the host's bookkeeping."""
+    stage, want, _ = segmented
+    engine = stage.engine
+    stage.engine = timeline = Timeline(engine)
+    try:
+        got = stage.process(ShardTask(shard))
+    finally:
+        stage.engine = engine
+    assert got.detections.drop(["created_at"]).equals(want.detections.drop(["created_at"]))
+    at = {(e[0], e[1]): e[2] for e in timeline.events}
+    threads = {e[3] for e in timeline.events if e[0] == "host-start"}
+    assert at[("launch-start", 1)] and len(threads) == 1 and "sam3ray-host" in threads.pop()
+    # Batch 0's host phase began before batch 1's forward ended: they overlapped.
+    assert at[("host-start", 0)] < at[("launch-end", 1)]
+
+
+class OutOfMemory:
+    """Wraps an engine: batches of more than ``limit`` images fail as a GPU would
+    (torch.OutOfMemoryError) before any work; a test-only wrapper, no production switch."""
+
+    def __init__(self, inner, limit: int) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.limit = limit
+        self.calls: list[int] = []
+        self.released = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, images, exemplars=None):
+        self.calls.append(len(images))
+        if len(images) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.launch(images, exemplars)
+
+    def release_memory(self) -> None:
+        self.released += 1
+
+
+def oom_stage(tiny_checkpoint, inputs, images_per_batch: int) -> SegmentStage:
+    stage = SegmentStage(
+        ModelConfig(checkpoint=tiny_checkpoint, device="cpu"),
+        INFERENCE.model_copy(update={"images_per_batch": images_per_batch}),
+        InputConfig(uris=[str(Path(inputs[0][0]).parent)]),
+        ResourcesConfig(gpus_per_actor=0),
+        CONCEPTS,
+        run_id=RUN,
+    )
+    stage.setup()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def one_by_one(tiny_checkpoint, inputs, shard) -> ShardResult:
+    """The shard labelled one image per batch (what a fully split batch computes)."""
+    return oom_stage(tiny_checkpoint, inputs, images_per_batch=1).process(ShardTask(shard))
+
+
+def test_out_of_memory_splits_the_batch_and_later_batches_stay_smaller(
+    tiny_checkpoint, inputs, shard, one_by_one
+):
+    want = one_by_one
+    stage = oom_stage(tiny_checkpoint, inputs, images_per_batch=3)
+    stage.engine = oom = OutOfMemory(stage.engine, limit=1)
+    first = stage.process(ShardTask(shard))
+    # 3 ok images: [3] fails -> [2] fails -> [1] [1]; the 3rd image comes alone.
+    assert oom.calls == [3, 2, 1, 1, 1] and oom.released == 2
+    assert stage.images_per_batch() == 1
+    second = stage.process(ShardTask(shard))
+    assert oom.calls[5:] == [1, 1, 1]  # the next shard starts at the smaller size
+    for got in (first, second):  # nothing lost, nothing different
+        assert got.images.select(["status", "n_detections"]).equals(
+            want.images.select(["status", "n_detections"])
+        )
+        assert got.detections.drop(["created_at"]).equals(want.detections.drop(["created_at"]))
+
+
+def test_an_image_that_runs_out_of_memory_alone_is_an_error_row_not_a_lost_shard(
+    tiny_checkpoint, inputs, shard, one_by_one
+):
+    want = one_by_one
+    stage = oom_stage(tiny_checkpoint, inputs, images_per_batch=2)
+    stage.engine = oom = OutOfMemory(stage.engine, limit=0)  # nothing fits
+    got = stage.process(ShardTask(shard))
+    rows = got.images.to_pylist()
+    assert [r["status"] for r in rows] == ["error"] * 4
+    assert [r["error_reason"] for r in rows] == ["inference_failed", "truncated"] + [
+        "inference_failed"
+    ] * 2
+    assert "out of memory" in rows[0]["error"] and got.detections.num_rows == 0
+    assert stage.images_per_batch() == 1
+    oom.limit = 2  # memory is back: the same actor labels the next shard in full
+    again = stage.process(ShardTask(shard))
+    assert again.detections.drop(["created_at"]).equals(want.detections.drop(["created_at"]))
 
 
 # --------------------------------------------------------------------------- commit
