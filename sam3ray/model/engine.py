@@ -530,6 +530,13 @@ class Sam3Engine:
             geometric_prompt=_prompt(queries, dev),
         )
         self.stats.grounding_forwards += 1
+        return self._select(out, queries, offset)
+
+    def _select(self, out: dict, queries: list[Query], offset: int) -> tuple:
+        """The candidates of one pack's output above their class's threshold."""
+        import torch
+
+        dev = self.device
         probs = out["pred_logits"].float().sigmoid().squeeze(-1)
         probs = probs * out["presence_logit_dec"].float().sigmoid()  # [Q, nq] * [Q, 1]
         thresholds = torch.tensor([self._threshold(q.class_id) for q in queries]).to(dev)
