@@ -405,6 +405,12 @@ def test_tasks_and_results_survive_pickling(segmented, shard):
     )
     assert pickle.loads(pickle.dumps(ShardTask(video))) == ShardTask(video)
 
+    # Rows stay small: a task is URIs, never pixels (a 512-input shard, the 2× cap at the
+    # default shard_size, with long URIs, against Ray Data's 128 MiB block target).
+    uris = tuple(f"s3://a-bucket/some/long/prefix/2026/12/01/cam-{i:05d}.jpg" for i in range(512))
+    big = Shard("s0", "image", uris, tuple(input_id(u) for u in uris), "m", "s")
+    assert len(pickle.dumps(ShardTask(big, previous_files=uris), protocol=5)) < 256 * 1024
+
     back = pickle.loads(pickle.dumps(result))
     assert back.task == result.task
     assert back.detections.num_rows > 0 and back.detections.equals(result.detections)
