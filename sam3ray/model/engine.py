@@ -365,6 +365,7 @@ class Sam3Engine:
 
         sizes = validate_images(images)
         queries = build_queries(self.concepts, exemplars, sizes, len(images))
+        self.batch_plan()  # measured before a batch holds device memory (CUDA, "auto")
         t0 = time.perf_counter()
         with torch.inference_mode(), self.autocast():
             pixels = self._preprocess(images)
@@ -566,10 +567,9 @@ class Sam3Engine:
         dev = self.device
         if not found:  # no query at all (exemplar-only concepts without exemplars here)
             found = [_no_candidates(dev)]
-        q = torch.cat([f[0] for f in found])
-        scores = torch.cat([f[1] for f in found])
-        boxes_cxcywh = torch.cat([f[2] for f in found])
-        low_masks = torch.cat([f[3] for f in found])
+        q, scores, boxes_cxcywh, low_masks = (
+            parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*found)
+        )
         del found
         q_image = torch.tensor([x.image for x in queries], dtype=torch.long).to(dev)
         q_class = torch.tensor([self._class_index[x.class_id] for x in queries]).to(dev)
