@@ -182,7 +182,15 @@ def compare(
     def side_b():
         return run_reference(processor, pil_images, texts, device, bf16)
 
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     warm_a, _, det_a = timed(side_a, device)
+    peak_bytes = None
+    if device.startswith("cuda"):
+        peak_bytes = torch.cuda.max_memory_allocated() - before
     warm_b, _, det_b = timed(side_b, device)
     logger.info(
         "concepts=%d warm-up: engine %.2fs (%d detections), reference %.2fs (%d detections)",
@@ -235,9 +243,18 @@ def compare(
         # CPU seconds are less sensitive than wall time to other load on a shared machine.
         "speedup_cpu_time": statistics.median(cpu_b) / statistics.median(cpu_a),
         "engine_stats": {
-            k: v for k, v in vars(engine.stats).items() if k != "infer_s"
+            k: v for k, v in vars(engine.stats).items() if k not in ("infer_s", "host_s")
         },  # cumulative over warm-up + repeats
     }
+    plan = engine.batch_plan()
+    result["engine"]["batch_plan"] = {
+        "images_per_batch": plan.images_per_batch,
+        "queries_per_forward": plan.queries_per_forward,
+        "reason": plan.reason,
+        "activation_sizes": plan.sizes.to_dict() if plan.sizes else None,
+    }
+    if peak_bytes is not None:  # the warm-up pass: activations above the weights, per batch
+        result["engine"]["peak_activation_mib"] = round(peak_bytes / 2**20, 1)
     if count_flops:
         # FLOPs of one pass over all images (steady state: text features cached).
         fa = flops_per_image(side_a, n)

@@ -8,8 +8,9 @@ to a work directory, with the tiny random-weight SAM 3 and ``--concepts`` text
 concepts (CPU):
 
 (a) engine alone: in this process, the images are read and decoded exactly as
-    the decode stage does (timed separately), then ``Sam3Engine.predict`` runs
-    over them in batches of ``--images-per-batch`` after one warm-up batch.
+    the image actors' reader does (original size; timed separately), then
+    ``Sam3Engine.predict`` runs over them in batches of ``--images-per-batch``
+    after one warm-up batch.
     With the torch threads one actor gets: before and after the jobs (the mean
     is the baseline, the spread shows load drift); with all cores: after.
 (b) the job: ``run_job`` on a fresh local Ray for each ``--actors`` value
@@ -26,10 +27,10 @@ engine's. Two baselines, because on a small machine they differ:
 
 - ``per_actor``: n × (engine alone with the threads ONE actor gets). Ray sets
   an actor's OMP/torch threads to floor(num_cpus), at least 1; the actors here
-  reserve < 1 CPU each (the decode and write tasks need the rest of a 2-core
-  machine, else they could never be scheduled next to the pool), so each actor
-  runs torch on 1 thread. This is the fair "what the pool could do if the
-  pipeline cost nothing" bound.
+  reserve < 2 CPUs each (``cpus_per_actor`` + ``decode_cpus`` for the reader
+  threads; write tasks need the rest of a 2-core machine), so each actor runs
+  torch on 1 thread and reads/decodes its images in other threads. This is the
+  fair "what the pool could do if the pipeline cost nothing" bound.
 - ``machine``: engine alone with all cores as torch threads: what one process
   could do with the whole machine. The job cannot reach this with 1 actor on
   2 cores (its actor has 1 thread), which is why per_actor is the headline.
@@ -105,18 +106,14 @@ def prepare_workdir(workdir: Path, n_images: int, size: int, n_concepts: int) ->
 # --------------------------------------------------------------------------- engine alone
 
 
-def decode_all(uris: list[str], max_imgsz: int) -> tuple[list, list, float]:
-    """(downscaled arrays, original sizes, seconds): what the decode stage does, in one thread."""
-    from sam3ray.sources.images import decode_image, downscale_long_side
+def decode_all(uris: list[str]) -> tuple[list, float]:
+    """(original arrays, seconds): what the actors' reader does, in one thread."""
+    from sam3ray.sources.images import decode_image
     from sam3ray.storage.location import Location
 
     t0 = time.perf_counter()
-    arrays, sizes = [], []
-    for uri in uris:
-        img = decode_image(Location(uri).read_bytes(), max_pixels=178_956_970)
-        sizes.append(img.shape[:2])
-        arrays.append(downscale_long_side(img, max_imgsz))
-    return arrays, sizes, time.perf_counter() - t0
+    arrays = [decode_image(Location(u).read_bytes(), max_pixels=178_956_970) for u in uris]
+    return arrays, time.perf_counter() - t0
 
 
 def engine_alone(
@@ -129,7 +126,7 @@ def engine_alone(
     from sam3ray.storage.location import Location
 
     torch.set_num_threads(threads)
-    arrays, sizes, _ = decoded
+    arrays, _ = decoded
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     engine = Sam3Engine.from_checkpoint(
@@ -141,11 +138,11 @@ def engine_alone(
     )
     load_s = time.perf_counter() - t0
     step = args.images_per_batch
-    engine.predict(arrays[:step], orig_sizes=sizes[:step])  # warm-up, not counted
+    engine.predict(arrays[:step])  # warm-up, not counted
     n_det = 0
     t0 = time.perf_counter()
     for start in range(0, len(arrays), step):
-        found = engine.predict(arrays[start : start + step], orig_sizes=sizes[start : start + step])
+        found = engine.predict(arrays[start : start + step])
         n_det += sum(map(len, found))
     seconds = time.perf_counter() - t0
     return {
@@ -179,6 +176,7 @@ def engine_params(args: argparse.Namespace) -> dict[str, Any]:
         "max_det": args.max_det,
         "max_imgsz": args.max_imgsz,
         "queries_per_forward": args.queries_per_forward,
+        "images_per_batch": args.images_per_batch,
     }
 
 
@@ -186,8 +184,9 @@ def engine_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpus_per_actor(n_actors: int, cores: int, decode_cpus: float) -> float:
-    """The largest per-actor CPU share that leaves room for a decode and a write task."""
-    share = (cores - decode_cpus - WRITE_CPUS) / n_actors
+    """The largest per-actor model share (each actor also reserves ``decode_cpus`` for
+    its reader) that leaves room for a write task."""
+    share = (cores - WRITE_CPUS) / n_actors - decode_cpus
     return round(min(1.0, share), 3)
 
 
@@ -209,10 +208,7 @@ def run_pipeline(files: dict[str, Any], args: argparse.Namespace, n_actors: int,
             "input": {"manifest": files["manifest"]},
             "prompts": {"concepts": files["concepts"]},
             "model": {"checkpoint": files["checkpoint"], "device": "cpu", "dtype": "float32"},
-            "inference": {
-                **engine_params(args),
-                "images_per_batch": args.images_per_batch,
-            },
+            "inference": engine_params(args),
             "resources": {
                 "gpus_per_actor": 0,
                 "cpus_per_actor": cpa,
@@ -237,7 +233,8 @@ def run_pipeline(files: dict[str, Any], args: argparse.Namespace, n_actors: int,
         "actor_side": actor_side_rate(cfg.output.uri),
         "actors": n_actors,
         "cpus_per_actor": cpa,
-        "torch_threads_per_actor": max(1, math.floor(cpa)),  # Ray's OMP_NUM_THREADS rule
+        # Ray's OMP_NUM_THREADS rule, on the actor's whole reservation
+        "torch_threads_per_actor": max(1, math.floor(cpa + args.decode_cpus)),
         "decode_cpus": args.decode_cpus,
         "run_id": summary["run_id"],
         "wall_s": round(wall, 3),
@@ -397,10 +394,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--images-per-batch", type=int, default=8)
     p.add_argument("--queries-per-forward", type=int, default=64)
-    p.add_argument("--max-imgsz", type=int, default=1036)
+    p.add_argument("--max-imgsz", type=int, default=None, help="mask grid cap (None: original)")
     p.add_argument("--max-det", type=int, default=100)
     p.add_argument("--conf", type=float, default=0.4)
-    p.add_argument("--decode-cpus", type=float, default=0.25)
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="per actor, for its reader")
     p.add_argument("--workdir", default=None, help="images/model are kept here (default: temp)")
     return p.parse_args(argv)
 
@@ -420,15 +417,17 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "params": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         }
-        decoded = decode_all(files["uris"], args.max_imgsz)
+        decoded = decode_all(files["uris"])
         result["decode"] = {
             "images": len(files["uris"]),
-            "seconds": round(decoded[2], 3),
-            "images_per_s": round(len(files["uris"]) / decoded[2], 3),
+            "seconds": round(decoded[1], 3),
+            "images_per_s": round(len(files["uris"]) / decoded[1], 3),
         }
         cores = os.cpu_count() or 1
-        per_actor_threads = sorted({max(1, math.floor(cpus_per_actor(n, cores, args.decode_cpus)))
-                                    for n in args.actors})  # fmt: skip
+        per_actor_threads = sorted(
+            {max(1, math.floor(cpus_per_actor(n, cores, args.decode_cpus) + args.decode_cpus))
+             for n in args.actors}
+        )  # fmt: skip
         # The per-actor baseline is measured before AND after the jobs (its mean is
         # used; the spread shows how much the machine's load moved meanwhile).
         runs: dict[int, list[dict[str, Any]]] = {}

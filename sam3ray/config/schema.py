@@ -121,8 +121,9 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Compute dtype of both models: bfloat16 autocast or float32; auto = "
-        "bfloat16 on CUDA, float32 on CPU (where bfloat16 convolutions are slow)",
+        description="Compute dtype of both models: bfloat16 (image model: bfloat16 weights, "
+        "normalisation layers kept float32, under bfloat16 autocast; video model: autocast) "
+        "or float32; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 convolutions are slow)",
     )
     compile: bool = Field(
         False, description="torch.compile the vision backbone in each actor (images and videos)"
@@ -158,20 +159,37 @@ class InferenceConfig(BaseModel):
     max_det: int = Field(
         300,
         ge=1,
-        description="Most detections kept per image (per frame on videos), best scores first",
+        description="Most detections kept per concept on an image (per frame on videos), best "
+        "scores first; per concept, so adding a concept never changes the others' labels",
         **_labels("image", "video"),
     )
-    max_imgsz: int = Field(
-        1036,
+    max_imgsz: int | None = Field(
+        None,
         ge=32,
-        description="Images only: long side above which an image is shrunk before the model's "
-        "own resize (video frames go straight to the model's input size)",
+        description="Images only: longest side of the grid masks are stored at. None = the "
+        "original pixels (exact); a value caps mask resolution for huge images (mask_size "
+        "records the grid; boxes stay in original pixels). The model always sees the "
+        "original image resized once to its input size, as Sam3Processor does",
         **_labels("image"),
     )
-    images_per_batch: int = Field(8, ge=1, description="Images per engine call (speed only)")
-    queries_per_forward: int = Field(
-        64, ge=1, description="(image, prompt) pairs per grounding forward (speed only)"
+    images_per_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Images per engine call (speed and memory only). auto: sized from the "
+        "actor's GPU share (gpus_per_actor × device memory) with activation sizes measured "
+        "at actor start; 8 on CPU",
     )
+    queries_per_forward: int | Literal["auto"] = Field(
+        "auto",
+        description="(image, prompt) pairs per grounding forward (speed and memory only). "
+        "auto: sized like images_per_batch; 8 on CPU (memory-bound there)",
+    )
+
+    @field_validator("images_per_batch", "queries_per_forward")
+    @classmethod
+    def _positive_or_auto(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
 
 
 class ResourcesConfig(BaseModel):
@@ -179,7 +197,18 @@ class ResourcesConfig(BaseModel):
     gpus_per_actor: float = Field(0.25, ge=0, le=8, description="GPU share of one actor")
     cpus_per_actor: float = Field(1.0, ge=0, description="CPUs reserved by one actor")
     actors: tuple[int, int] = Field((1, 8), description="Actor pool (min, max); n means (n, n)")
-    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    decode_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each model actor reserves, on top of cpus_per_actor, for reading "
+        "and decoding its shard's images (or video frames) while its model runs",
+    )
+    decode_threads: int = Field(
+        8,
+        ge=1,
+        description="Threads per image actor that read and decode images ahead of the model "
+        "(reads overlap; at most images_per_batch + decode_threads images are held decoded)",
+    )
     ray_address: str | None = Field(None, description="None = local Ray or $RAY_ADDRESS")
     object_store_memory: int | None = Field(None, gt=0, description="Bytes, local Ray only")
 

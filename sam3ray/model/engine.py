@@ -6,24 +6,39 @@ For a batch of B images and a concept set, the reference loop
 text is encoded once for the life of the engine, and all (image, query) pairs
 go through ``Sam3Image.forward_grounding`` in packs of ``queries_per_forward``
 (``FindStage.img_ids``/``text_ids`` index the image and text batches; exemplar
-boxes and points ride in one padded ``Prompt``). Post-processing then runs per
-image: score threshold (per-concept override), NMS within each class (which
-merges the separate queries of a class's synonyms), ``max_det``, and masks
-upsampled to original pixels only for the survivors, encoded as COCO RLE.
+boxes and points ride in one padded ``Prompt``).
+
+Pixels: each original image is resized once to the model's input, by the very
+transform ``Sam3Processor`` applies, on the model's device; boxes and masks
+come back in original pixels (masks on a grid capped by ``inference.max_imgsz``
+when that is set).
+
+Post-processing stays on the device until the end (``model.postprocess``):
+score threshold (per-concept override), one exact batched NMS over every
+(image, class) group (which merges the separate queries of a class's
+synonyms), ``max_det``, masks upsampled for the survivors only and
+run-length encoded there. One device→host copy per batch carries the counts,
+scores, boxes and indices; the host turns counts into COCO strings.
+
+Two phases, so a caller can overlap them: :meth:`Sam3Engine.launch` does the
+device work of a batch and returns a :class:`PendingBatch`; its ``result()``
+does the host work (in another thread if you like) while the next batch runs.
+:meth:`Sam3Engine.predict` is both in one call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sam3ray.config.schema import InferenceConfig, ModelConfig
-from sam3ray.core.masks import encode_rle_fortran
 from sam3ray.core.types import ConceptSet, Detection, ImageExemplars
 from sam3ray.model.queries import Query, build_queries, validate_images
 from sam3ray.storage.location import Location
@@ -34,9 +49,17 @@ logger = logging.getLogger(__name__)
 #: On CPU the grounding forward is memory-bound: packs beyond ~8 queries spill the
 #: caches and run slower (tiny model, 8 images × 10 concepts: 64 → 2.6 s, 8 → 2.0 s).
 CPU_QUERIES_PER_FORWARD = 8
-#: Upper bound on float32 mask pixels upsampled at once (memory cap for huge images).
-MASK_PIXELS_PER_STEP = 64_000_000
+#: images_per_batch "auto" where no device memory is measured (CPU).
+CPU_IMAGES_PER_BATCH = 8
+#: Mask pixels upsampled and encoded at once (~8 bytes each in flight: 128 MB).
+MASK_PIXELS_PER_STEP = 16_000_000
+#: Bytes per mask pixel in flight while encoding (float logits, bool, transposed
+#: copy, change points): the post-processing buffer a memory plan reserves.
+MASK_BYTES_PER_PIXEL = 8
 _MODEL_DEFAULTS = ModelConfig.model_fields
+#: Columns of the per-detection block of the one device→host copy.
+_IMAGE, _QUERY, _SCORE, _BOX, _AREA, _NCOUNTS = 0, 1, 2, 3, 7, 8
+_META_COLUMNS = 9
 
 
 @dataclass
@@ -48,22 +71,97 @@ class EngineStats:
     texts_encoded: int = 0
     grounding_forwards: int = 0
     queries: int = 0
-    infer_s: float = 0.0
+    infer_s: float = 0.0  # device phase (launch)
+    host_s: float = 0.0  # host phase (PendingBatch.result)
+    out_of_memory: int = 0  # packs redone smaller after an out-of-memory error
 
 
-@dataclass
-class _Candidate:
-    image: int
-    class_id: str
-    query: Query
-    score: float
-    box_cxcywh: Any  # 4-tensor, normalised
-    mask_logits: Any  # h'×w' tensor
+@dataclass(frozen=True)
+class BatchDetections:
+    """A batch's detections as columns, sorted by image, then score (best first).
+
+    Row builders read the columns directly; :meth:`per_image` gives
+    :class:`~sam3ray.core.types.Detection` objects for the Python API.
+    """
+
+    n_images: int
+    image: np.ndarray  # int64 [N]: index of the image in the batch
+    class_id: np.ndarray  # object [N] str
+    concept: np.ndarray  # object [N] str
+    query: np.ndarray  # object [N] str (core.types.query_label)
+    score: np.ndarray  # float32 [N]
+    box: np.ndarray  # float32 [N, 4] x0, y0, x1, y1 in original pixels
+    mask_rle: list[bytes]  # COCO compressed counts
+    mask_size: np.ndarray  # int32 [N, 2] (h, w) of the mask grid
+    area: np.ndarray  # int64 [N] mask pixels on that grid
+
+    def __len__(self) -> int:
+        return int(self.image.size)
+
+    def counts(self) -> np.ndarray:
+        """Detections per image (length ``n_images``)."""
+        return np.bincount(self.image, minlength=self.n_images)
+
+    def per_image(self) -> list[list[Detection]]:
+        out: list[list[Detection]] = [[] for _ in range(self.n_images)]
+        scores, boxes = self.score.tolist(), self.box.tolist()
+        sizes, areas = self.mask_size.tolist(), self.area.tolist()
+        for j, i in enumerate(self.image.tolist()):
+            out[i].append(
+                Detection(
+                    class_id=self.class_id[j],
+                    concept=self.concept[j],
+                    query=self.query[j],
+                    score=scores[j],
+                    box=tuple(boxes[j]),
+                    mask_rle=self.mask_rle[j],
+                    mask_size=tuple(sizes[j]),
+                    area=areas[j],
+                )
+            )
+        return out
 
 
-@dataclass
-class _PerImage:
-    candidates: list[_Candidate] = field(default_factory=list)
+class PendingBatch:
+    """A batch whose device work is done (or queued); :meth:`result` finishes it on the host."""
+
+    def __init__(self, engine: Sam3Engine, buffer: Any, event: Any, n: int, meta: dict) -> None:
+        self._engine = engine
+        self._buffer = buffer
+        self._event = event
+        self._n = n
+        self._meta = meta
+
+    def result(self) -> BatchDetections:
+        """Wait for the one device→host copy and build the columns (COCO strings included)."""
+        t0 = time.perf_counter()
+        if self._event is not None:
+            self._event.synchronize()
+        data = self._buffer.numpy()
+        n, meta = self._n, self._meta
+        block = data[: n * _META_COLUMNS].reshape(n, _META_COLUMNS)
+        counts = data[n * _META_COLUMNS :]
+        from sam3ray.model.postprocess import coco_strings
+
+        image = block[:, _IMAGE].copy()
+        query = block[:, _QUERY]
+        floats = block[:, _SCORE:_AREA].astype(np.int32).view(np.float32)
+        rles = coco_strings(counts, block[:, _NCOUNTS])
+        labels, class_ids, names = meta["labels"], meta["class_ids"], meta["names"]
+        out = BatchDetections(
+            n_images=meta["n_images"],
+            image=image,
+            class_id=class_ids[query],
+            concept=names[query],
+            query=labels[query],
+            score=np.ascontiguousarray(floats[:, 0]),
+            box=np.ascontiguousarray(floats[:, 1:5]),
+            mask_rle=rles,
+            mask_size=meta["grids"][image] if n else np.zeros((0, 2), np.int32),
+            area=block[:, _AREA].copy(),
+        )
+        self._engine.stats.host_s += time.perf_counter() - t0
+        return out
 
 
 def resolve_device(device: str) -> str:
@@ -83,11 +181,55 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory (CUDA, or any device's)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def mask_grid(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """(h, w) of the grid masks are stored at: the image's own, or its long side capped
+    at ``max_side`` (short side rounded, at least 1 pixel)."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    if width >= height:
+        return max(1, round(height * scale)), max_side
+    return max_side, max(1, round(width * scale))
+
+
+def to_bfloat16_weights(model: Any) -> Any:
+    """Cast ``model``'s floating-point parameters to bfloat16 in place, normalisation
+    layers excepted; buffers (position encodings, complex RoPE tables) stay as built.
+
+    Halves the weights' memory (full SAM 3: 3.4 → 1.7 GB). Norm layers stay
+    float32: autocast computes them in float32 anyway (on CUDA it would cast
+    the bf16-rounded weights back up), and on CPU a float32 activation meets
+    a bf16 LayerNorm weight as a dtype error. They hold < 0.1% of the weights.
+    """
+    import torch
+
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, norms):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != torch.bfloat16:
+                    param.data = param.data.to(torch.bfloat16)
+    return model
+
+
 class Sam3Engine:
     """Batched SAM 3 image inference over a fixed concept set.
 
     Construct once per worker (the model and the text-feature cache live as
-    long as the engine) and call :meth:`predict` per batch of images.
+    long as the engine) and call :meth:`predict` (or :meth:`launch` and
+    ``result()``) per batch of images. The engine owns ``model``: it moves it
+    to ``device`` and, for ``dtype="bfloat16"``, casts its weights.
     """
 
     def __init__(
@@ -100,6 +242,7 @@ class Sam3Engine:
         dtype: str = _MODEL_DEFAULTS["dtype"].default,
         resolution: int | None = None,
         model_id: str = "sam3",
+        gpu_share: float = 1.0,
     ) -> None:
         import torch
         from torchvision.transforms import v2
@@ -113,7 +256,7 @@ class Sam3Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_id = model_id
         self.resolution = resolution or _model_resolution(model)
-        self._autocast = self.dtype == "bfloat16"
+        self.gpu_share = gpu_share
         self.stats = EngineStats()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._transform = v2.Compose(  # identical to Sam3Processor's
@@ -124,6 +267,11 @@ class Sam3Engine:
                 v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
             ]
         )
+        self._class_index = {c.class_id: i for i, c in enumerate(concepts)}
+        self._pack_cap: int | None = None  # lowered after an out-of-memory error
+        self._plan: Any = None
+        if self.dtype == "bfloat16":
+            to_bfloat16_weights(self.model)
         self.model.to(self.device)
 
     @classmethod
@@ -137,6 +285,7 @@ class Sam3Engine:
         dtype: str = _MODEL_DEFAULTS["dtype"].default,
         compile: bool = _MODEL_DEFAULTS["compile"].default,
         cache_dir: str | None = None,
+        gpu_share: float = 1.0,
     ) -> Sam3Engine:
         """Load a checkpoint (path, ``Location`` with storage options, or hub id)."""
         from sam3ray.model.loader import load_checkpoint_into_new_model, resolve_checkpoint
@@ -151,6 +300,7 @@ class Sam3Engine:
             dtype=dtype,
             resolution=info.arch.resolution,
             model_id=info.model_id,
+            gpu_share=gpu_share,
         )
         if compile:
             engine.compile()
@@ -163,11 +313,14 @@ class Sam3Engine:
         concepts: ConceptSet,
         inference: InferenceConfig,
         checkpoint: Location | None = None,
+        *,
+        gpu_share: float = 1.0,
     ) -> Sam3Engine:
         """The engine a job's ``model`` and ``inference`` sections describe.
 
         ``checkpoint`` carries the storage options (``JobConfig.checkpoint_location``);
-        by default the model section's own.
+        by default the model section's own. ``gpu_share`` is the fraction of the
+        device this engine may plan to use (``resources.gpus_per_actor``).
         """
         return cls.from_checkpoint(
             checkpoint or Location(model.checkpoint, model.storage_options),
@@ -177,6 +330,7 @@ class Sam3Engine:
             dtype=model.dtype,
             compile=model.compile,
             cache_dir=model.cache_dir,
+            gpu_share=gpu_share,
         )
 
     def compile(self) -> None:
@@ -191,68 +345,79 @@ class Sam3Engine:
         self,
         images: Sequence[np.ndarray],
         exemplars: Sequence[ImageExemplars | None] | None = None,
-        orig_sizes: Sequence[tuple[int, int]] | None = None,
         only: Collection[str] | None = None,
     ) -> list[list[Detection]]:
         """Detections per image, in the order of ``images``.
 
-        ``images`` are H×W×3 uint8 RGB arrays. ``orig_sizes[i] = (height, width)``
-        says the array was already downscaled from that size (e.g. by the decode
-        stage): boxes, masks and exemplar coordinates are then in those pixels.
-        ``only`` limits the run to these class ids (a relabel of some concepts).
+        ``images`` are H×W×3 uint8 RGB arrays at their original size; boxes,
+        exemplar coordinates and masks are in their pixels. ``only`` limits the run
+        to these class ids (a relabel of some concepts gives what a full run gives for
+        them: every per-concept choice, NMS and ``max_det``, is made per concept).
         Raises ``ValueError`` naming the offending item before any work is done.
         """
+        return self.launch(images, exemplars, only).result().per_image()
+
+    def launch(
+        self,
+        images: Sequence[np.ndarray],
+        exemplars: Sequence[ImageExemplars | None] | None = None,
+        only: Collection[str] | None = None,
+    ) -> PendingBatch:
+        """The device phase of :meth:`predict`: everything up to the one device→host
+        copy, which is queued; ``result()`` on the returned batch finishes it."""
         import torch
 
-        sizes = validate_images(images, orig_sizes)
+        sizes = validate_images(images)
         concepts = self.concepts
         if only is not None:
-            concepts = ConceptSet(tuple(c for c in concepts if c.class_id in set(only)))
-            exemplars = _only_exemplars(exemplars, set(only))
+            keep = set(only)
+            concepts = ConceptSet(tuple(c for c in concepts if c.class_id in keep))
+            exemplars = _only_exemplars(exemplars, keep)
         queries = build_queries(concepts, exemplars, sizes, len(images))
+        self.batch_plan()  # measured before a batch holds device memory (CUDA, "auto")
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._autocast_ctx():
-            pixel_batch = self._preprocess(images)
-            backbone_out = self.model.backbone.forward_image(pixel_batch)
+        with torch.inference_mode(), self.autocast():
+            pixels = self._preprocess(images)
+            backbone_out = self.model.backbone.forward_image(pixels)
+            del pixels
             self.stats.backbone_images += len(images)
-            self._encode_texts({q.text for q in queries})
-            per_image = [_PerImage() for _ in images]
-            step = self._pack_size()
-            for start in range(0, len(queries), step):
-                self._ground(backbone_out, queries[start : start + step], per_image)
-            results = [self._finish(i, per_image[i], sizes[i]) for i in range(len(images))]
+            self.encode_texts({q.text for q in queries})
+            found = self._ground_all(backbone_out, queries)
+            del backbone_out
+            pending = self._finish(found, sizes, queries)
         self.stats.images += len(images)
         self.stats.queries += len(queries)
         self.stats.infer_s += time.perf_counter() - t0
-        return results
+        return pending
 
-    # ------------------------------------------------------------------ internals
-    def _autocast_ctx(self):
-        import contextlib
+    def batch_plan(self) -> Any:
+        """The :class:`~sam3ray.model.memory.BatchPlan` this engine runs with.
 
+        Explicit ``images_per_batch``/``queries_per_forward`` are kept; "auto" is
+        sized from measured activation sizes and this engine's share of the CUDA
+        device; on CPU "auto" is 8 and 8 (and packs are capped at 8 there).
+        """
+        if self._plan is None:
+            self._plan = self._make_plan()
+        return self._plan
+
+    def release_memory(self) -> None:
+        """Give cached device memory back after an out-of-memory error."""
         import torch
 
-        if self._autocast:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def autocast(self):
+        """The autocast context of this engine's dtype (none for float32)."""
+        import torch
+
+        if self.dtype == "bfloat16":
             return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _preprocess(self, images: Sequence[np.ndarray]):
-        import torch
-
-        from sam3ray.sources.images import downscale_long_side
-
-        batch = []
-        for img in images:
-            img = downscale_long_side(img, self.config.max_imgsz)
-            t = (
-                torch.from_numpy(np.array(img, copy=not img.flags.writeable))
-                .permute(2, 0, 1)
-                .to(self.device)
-            )
-            batch.append(self._transform(t))
-        return torch.stack(batch)
-
-    def _encode_texts(self, texts: set[str]) -> None:
+    def encode_texts(self, texts: set[str]) -> None:
         """Encode only texts never seen by this engine, all in one forward."""
         missing = sorted(t for t in texts if t not in self._text_cache)
         if not missing:
@@ -263,7 +428,94 @@ class Sam3Engine:
             self._text_cache[text] = (feats[:, i : i + 1].clone(), mask[i : i + 1].clone())
         self.stats.texts_encoded += len(missing)
 
-    def _ground(self, backbone_out: dict, queries: list[Query], per_image: list[_PerImage]) -> None:
+    def text_features(self, text: str) -> tuple[Any, Any]:
+        """(features [S, 1, D], mask [1, S]) of an encoded text."""
+        return self._text_cache[text]
+
+    # ------------------------------------------------------------------ internals
+    def _make_plan(self) -> Any:
+        from sam3ray.model.memory import (
+            BatchPlan,
+            device_budget,
+            measure_activations,
+            plan_batches,
+        )
+
+        ipb, qpf = self.config.images_per_batch, self.config.queries_per_forward
+        if not self.device.startswith("cuda"):
+            images = CPU_IMAGES_PER_BATCH if ipb == "auto" else int(ipb)
+            queries = CPU_QUERIES_PER_FORWARD if qpf == "auto" else int(qpf)
+            return BatchPlan(images, queries, "CPU defaults (no device memory to plan)")
+        if ipb != "auto" and qpf != "auto":
+            return BatchPlan(int(ipb), int(qpf), "as configured")
+        sizes = measure_activations(self)
+        self.release_memory()
+        budget = device_budget(self.device, self.gpu_share)
+        per_image_queries = sum(max(1, len(c.texts)) for c in self.concepts)
+        grid = self.config.max_imgsz or self.resolution
+        mask_bytes = MASK_BYTES_PER_PIXEL * min(MASK_PIXELS_PER_STEP, grid * grid)
+        plan = plan_batches(sizes, budget, per_image_queries, ipb, qpf, mask_bytes=mask_bytes)
+        logger.info(
+            "batch plan: %d images, %d queries per forward (%s; per image %.0f MiB, "
+            "per query %.0f MiB)",
+            plan.images_per_batch,
+            plan.queries_per_forward,
+            plan.reason,
+            sizes.per_image / 2**20,
+            sizes.per_query / 2**20,
+        )
+        return plan
+
+    def _preprocess(self, images: Sequence[np.ndarray]):
+        """Each original image to the model input, as ``Sam3Processor.set_image`` does it
+        (uint8 CHW tensor on the device, then the same v2 transform): one resize."""
+        import torch
+
+        batch = []
+        for img in images:
+            t = (
+                torch.from_numpy(np.array(img, copy=not img.flags.writeable))
+                .permute(2, 0, 1)
+                .to(self.device)
+            )
+            batch.append(self._transform(t))
+        return torch.stack(batch)
+
+    def _pack_size(self) -> int:
+        cap = int(self.batch_plan().queries_per_forward)
+        if self.device == "cpu":
+            cap = min(cap, CPU_QUERIES_PER_FORWARD)
+        if self._pack_cap is not None:
+            cap = min(cap, self._pack_cap)
+        return max(1, cap)
+
+    def _ground_all(self, backbone_out: dict, queries: list[Query]) -> list[tuple]:
+        """Every pack through the detector; a pack that runs out of memory is redone in
+        halves (and later packs stay at that size)."""
+        found = []
+        start = 0
+        while start < len(queries):
+            step = self._pack_size()
+            pack = queries[start : start + step]
+            try:
+                found.append(self._ground(backbone_out, pack, start))
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(pack) == 1:
+                    raise
+                oom = True
+            else:
+                oom = False
+                start += len(pack)
+            if oom:  # outside the except block: its traceback no longer pins the pack
+                self._pack_cap = max(1, len(pack) // 2)
+                self.stats.out_of_memory += 1
+                logger.warning("out of memory in a pack of %d queries; now %d", len(pack), step)
+                self.release_memory()
+        return found
+
+    def _ground(self, backbone_out: dict, queries: list[Query], offset: int) -> tuple:
+        """One pack: (query index, score, box cxcywh, mask logits) of the candidates above
+        their threshold, copied out so the pack's tensors can go."""
         import torch
         from sam3.model.data_misc import FindStage
 
@@ -273,8 +525,8 @@ class Sam3Engine:
         masks = torch.cat([self._text_cache[t][1] for t in texts], dim=0)
         dev = self.device
         find = FindStage(
-            img_ids=torch.tensor([q.image for q in queries], device=dev, dtype=torch.long),
-            text_ids=torch.tensor([text_index[q.text] for q in queries], device=dev),
+            img_ids=torch.tensor([q.image for q in queries], dtype=torch.long).to(dev),
+            text_ids=torch.tensor([text_index[q.text] for q in queries]).to(dev),
             input_boxes=None,
             input_boxes_mask=None,
             input_boxes_label=None,
@@ -288,98 +540,125 @@ class Sam3Engine:
             geometric_prompt=_prompt(queries, dev),
         )
         self.stats.grounding_forwards += 1
+        return self._select(out, queries, offset)
+
+    def _select(self, out: dict, queries: list[Query], offset: int) -> tuple:
+        """The candidates of one pack's output above their class's threshold."""
+        import torch
+
+        dev = self.device
         probs = out["pred_logits"].float().sigmoid().squeeze(-1)
         probs = probs * out["presence_logit_dec"].float().sigmoid()  # [Q, nq] * [Q, 1]
-        boxes = out["pred_boxes"].float()
-        pred_masks = out["pred_masks"]
-        thresholds = torch.tensor(
-            [self._threshold(q.class_id) for q in queries], device=probs.device
+        thresholds = torch.tensor([self._threshold(q.class_id) for q in queries]).to(dev)
+        q_idx, d_idx = (probs >= thresholds[:, None]).nonzero(as_tuple=True)
+        # Copies of the survivors only: views would pin this pack's full mask tensor
+        # (queries × num_queries × h' × w') until the batch ends.
+        return (
+            q_idx + offset,
+            probs[q_idx, d_idx],
+            out["pred_boxes"][q_idx, d_idx].float(),
+            out["pred_masks"][q_idx, d_idx],
         )
-        keep = (probs >= thresholds[:, None]).nonzero()
-        # Copy out only the survivors: views would pin this pack's full mask
-        # tensor (queries × num_queries × h' × w') until the batch ends.
-        q_idx, d_idx = keep[:, 0], keep[:, 1]
-        kept_scores = probs[q_idx, d_idx].tolist()
-        kept_boxes = boxes[q_idx, d_idx]
-        kept_masks = pred_masks[q_idx, d_idx]
-        for j, qi in enumerate(q_idx.tolist()):
-            q = queries[qi]
-            per_image[q.image].candidates.append(
-                _Candidate(q.image, q.class_id, q, kept_scores[j], kept_boxes[j], kept_masks[j])
-            )
-
-    def _pack_size(self) -> int:
-        cap = self.config.queries_per_forward
-        if self.device == "cpu":
-            cap = min(cap, CPU_QUERIES_PER_FORWARD)
-        return max(1, cap)
 
     def _threshold(self, class_id: str) -> float:
         c = self.concepts.by_id[class_id]
         return self.config.conf if c.min_score is None else c.min_score
 
-    def _finish(self, index: int, acc: _PerImage, size: tuple[int, int]) -> list[Detection]:
+    def _finish(self, found: list[tuple], sizes: list[tuple[int, int]], queries: list[Query]):
+        """Threshold survivors → boxes in pixels → NMS → max_det → masks → RLE counts,
+        all on the device; then one queued copy to the host."""
         import torch
         import torch.nn.functional as F
         from sam3.model.box_ops import box_cxcywh_to_xyxy
 
-        cands = acc.candidates
-        if not cands:
-            return []
-        h, w = size
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=cands[0].box_cxcywh.device)
-        boxes = box_cxcywh_to_xyxy(torch.stack([c.box_cxcywh for c in cands])) * scale
-        scores = torch.tensor([c.score for c in cands], device=boxes.device)
+        from sam3ray.model.postprocess import batched_nms, rle_counts
+
+        dev = self.device
+        if not found:  # no query at all (exemplar-only concepts without exemplars here)
+            found = [_no_candidates(dev)]
+        q, scores, boxes_cxcywh, low_masks = (
+            parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*found)
+        )
+        del found
+        q_image = torch.tensor([x.image for x in queries], dtype=torch.long).to(dev)
+        q_class = torch.tensor([self._class_index[x.class_id] for x in queries]).to(dev)
+        wh = torch.tensor([(w, h) for h, w in sizes], dtype=torch.float32).to(dev)
+        image = q_image[q]
+        size = wh[image]  # [N, 2] (w, h)
+        boxes = box_cxcywh_to_xyxy(boxes_cxcywh) * size.repeat(1, 2)
         # Clamp first: NMS must judge the boxes the caller receives.
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        keep: list[int] = []
-        by_class: dict[str, list[int]] = {}
-        for i, c in enumerate(cands):
-            by_class.setdefault(c.class_id, []).append(i)
-        for idx in by_class.values():
-            if self.config.nms and len(idx) > 1:
-                sel = torch.tensor(idx, device=boxes.device)
-                kept = torch.ops.torchvision.nms(boxes[sel], scores[sel], float(self.config.iou))
-                keep.extend(sel[kept].tolist())
-            else:
-                keep.extend(idx)
-        keep.sort(key=lambda i: (-cands[i].score, i))
-        keep = keep[: self.config.max_det]
-        step = max(1, MASK_PIXELS_PER_STEP // max(1, h * w))
-        encoded: list[tuple[bytes, int]] = []
-        for s in range(0, len(keep), step):
-            low = torch.stack([cands[i].mask_logits for i in keep[s : s + step]]).float()
-            up = F.interpolate(low[:, None], (h, w), mode="bilinear", align_corners=False)[:, 0]
-            # logit > 0  <=>  sigmoid > 0.5 (Sam3Processor's test), without the sigmoid;
-            # (N, W, H) C-order is the H×W×N Fortran layout pycocotools wants: no copy there.
-            binary = (up > 0).to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()
-            encoded.extend(encode_rle_fortran(binary.transpose(2, 1, 0)))
-        out = []
-        box_list = boxes.cpu().tolist()
-        for i, (rle, area) in zip(keep, encoded):
-            c = cands[i]
-            out.append(
-                Detection(
-                    class_id=c.class_id,
-                    concept=self.concepts.by_id[c.class_id].name,
-                    query=c.query.label,
-                    score=c.score,
-                    box=tuple(box_list[i]),
-                    mask_rle=rle,
-                    mask_size=(h, w),
-                    area=area,
-                )
-            )
-        return out
+        boxes[:, 0::2] = torch.minimum(boxes[:, 0::2].clamp(min=0), size[:, 0:1])
+        boxes[:, 1::2] = torch.minimum(boxes[:, 1::2].clamp(min=0), size[:, 1:2])
+        keep = torch.arange(q.numel(), device=dev)
+        # NMS and max_det act per (image, concept): a concept's labels never depend on
+        # which other concepts ran with it (a relabel of one concept equals a full run).
+        groups = image * len(self.concepts) + q_class[q]
+        if self.config.nms and q.numel() > 1:
+            keep = keep[batched_nms(boxes, scores, groups, float(self.config.iou))]
+        # Best first per group; equal scores keep candidate order (stable sorts).
+        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+        keep = keep[torch.argsort(groups[keep], stable=True)]
+        _, per_group = torch.unique_consecutive(groups[keep], return_counts=True)
+        first = torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
+        keep = keep[torch.arange(keep.numel(), device=dev) - first < self.config.max_det]
+        # Then best first per image, as the caller reads them.
+        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+        keep = keep[torch.argsort(image[keep], stable=True)]
+        n_per_image = torch.bincount(image[keep], minlength=len(sizes)).tolist()
+        grids = [mask_grid(h, w, self.config.max_imgsz) for h, w in sizes]
+        counts, n_counts, areas = [], [], []
+        start = 0
+        for i, n in enumerate(n_per_image):
+            if n == 0:
+                continue
+            gh, gw = grids[i]
+            step = max(1, MASK_PIXELS_PER_STEP // (gh * gw))
+            for s in range(start, start + n, step):
+                low = low_masks[keep[s : min(s + step, start + n)]].float()
+                up = F.interpolate(low[:, None], (gh, gw), mode="bilinear", align_corners=False)
+                # logit > 0  <=>  sigmoid > 0.5 (Sam3Processor's test), without the sigmoid
+                c, k, a = rle_counts(up[:, 0] > 0)
+                del up
+                counts.append(c)
+                n_counts.append(k)
+                areas.append(a)
+            start += n
+        n = int(keep.numel())
+        meta_block = torch.zeros((n, _META_COLUMNS), dtype=torch.int64, device=dev)
+        if n:
+            meta_block[:, _IMAGE] = image[keep]
+            meta_block[:, _QUERY] = q[keep]
+            floats = torch.cat([scores[keep, None], boxes[keep]], dim=1).float()
+            meta_block[:, _SCORE:_AREA] = floats.contiguous().view(torch.int32).long()
+            meta_block[:, _AREA] = torch.cat(areas)
+            meta_block[:, _NCOUNTS] = torch.cat(n_counts)
+        buffer = torch.cat([meta_block.flatten(), *counts])
+        event = None
+        if buffer.device.type == "cuda":
+            buffer = buffer.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        meta = {
+            "n_images": len(sizes),
+            "grids": np.array(grids, dtype=np.int32).reshape(-1, 2),
+            "labels": np.array([x.label for x in queries] or [""], dtype=object),
+            "class_ids": np.array([x.class_id for x in queries] or [""], dtype=object),
+            "names": np.array(
+                [self.concepts.by_id[x.class_id].name for x in queries] or [""], dtype=object
+            ),
+        }
+        return PendingBatch(self, buffer, event, n, meta)
 
 
-def _only_exemplars(
-    exemplars: Sequence[ImageExemplars | None] | None, keep: set[str]
-) -> Sequence[ImageExemplars | None] | None:
-    if exemplars is None:
-        return None
-    return [None if e is None else {c: v for c, v in e.items() if c in keep} for e in exemplars]
+def _no_candidates(device: str) -> tuple:
+    import torch
+
+    return (
+        torch.zeros(0, dtype=torch.long, device=device),
+        torch.zeros(0, device=device),
+        torch.zeros((0, 4), device=device),
+        torch.zeros((0, 1, 1), device=device),
+    )
 
 
 def _prompt(queries: list[Query], device: str):
@@ -420,3 +699,11 @@ def _model_resolution(model: Any) -> int:
     the released model's 1008 otherwise)."""
     arch = getattr(model, "sam3ray_arch", None)
     return int(arch.resolution) if arch is not None else 1008
+
+
+def _only_exemplars(
+    exemplars: Sequence[ImageExemplars | None] | None, keep: set[str]
+) -> Sequence[ImageExemplars | None] | None:
+    if exemplars is None:
+        return None
+    return [None if e is None else {c: v for c, v in e.items() if c in keep} for e in exemplars]

@@ -40,14 +40,10 @@ class Query:
         return query_label(self.text, kinds)
 
 
-def validate_images(
-    images: Sequence[np.ndarray], orig_sizes: Sequence[tuple[int, int]] | None
-) -> list[tuple[int, int]]:
-    """(height, width) per image in output pixels; ValueError naming a bad item."""
+def validate_images(images: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """(height, width) per image; ValueError naming a bad item."""
     if len(images) == 0:
         raise ValueError("empty batch: give at least one image")
-    if orig_sizes is not None and len(orig_sizes) != len(images):
-        raise ValueError(f"orig_sizes has {len(orig_sizes)} entries for {len(images)} images")
     sizes = []
     for i, img in enumerate(images):
         if not isinstance(img, np.ndarray):
@@ -58,13 +54,7 @@ def validate_images(
             raise ValueError(f"image {i}: expected dtype uint8, got {img.dtype}")
         if img.shape[0] < 1 or img.shape[1] < 1:
             raise ValueError(f"image {i}: empty image of shape {img.shape}")
-        if orig_sizes is not None:
-            h, w = (int(v) for v in orig_sizes[i])
-            if h < 1 or w < 1:
-                raise ValueError(f"image {i}: bad original size {orig_sizes[i]}")
-            sizes.append((h, w))
-        else:
-            sizes.append((int(img.shape[0]), int(img.shape[1])))
+        sizes.append((int(img.shape[0]), int(img.shape[1])))
     return sizes
 
 

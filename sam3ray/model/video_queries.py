@@ -16,7 +16,7 @@ class, for the exemplars that fall inside the shard (``frame`` is shard-local):
 Several queries of one class (synonyms, several prompted frames) find the same
 objects: with ``inference.nms`` their tracks are merged by :func:`dedupe_tracks`
 at ``inference.iou``, the video analogue of the image engine's per-class NMS;
-then at most ``inference.max_det`` detections are kept per frame.
+then at most ``inference.max_det`` detections are kept per concept and frame.
 """
 
 from __future__ import annotations
@@ -134,10 +134,11 @@ def dedupe_tracks(
 
 
 def cap_per_frame(dets: Sequence[Detection], max_det: int) -> list[Detection]:
-    """At most ``max_det`` detections per frame, best scores first (ties: earlier track)."""
-    by_frame: dict[int | None, list[Detection]] = defaultdict(list)
+    """At most ``max_det`` detections per concept and frame, best scores first (ties:
+    earlier track); per concept, so a concept's tracks never depend on the others."""
+    by_frame: dict[tuple[int | None, str], list[Detection]] = defaultdict(list)
     for d in dets:
-        by_frame[d.frame].append(d)
+        by_frame[(d.frame, d.class_id)].append(d)
     keep: set[int] = set()
     for items in by_frame.values():
         best = sorted(items, key=lambda d: (-d.score, d.track))[:max_det]

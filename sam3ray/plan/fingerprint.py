@@ -25,7 +25,7 @@ from sam3ray.core.shards import Shard
 from sam3ray.core.types import ConceptSet
 
 #: Bumped when the fingerprint's content changes meaning, so old labels are redone.
-FINGERPRINT_VERSION = 3
+FINGERPRINT_VERSION = 4  # 4: max_det per concept
 
 
 def digest(obj: Any) -> str:

@@ -1,11 +1,12 @@
 """The one adapter: any stage becomes a Ray Data operator.
 
 A row on the wire is ``{"key": <shard id>, "payload": <pickled task>}``: the
-typed hand-offs of ``stages.tasks`` travel whole (numpy arrays and Arrow tables
-pickle without copies under protocol 5), and Ray Data sees two columns it can
-move as Arrow. Light stages run as tasks; stages that declare ``actor=True``
-run in an autoscaling actor pool whose members call ``setup()`` once (the model
-load) and then ``process`` shard after shard. A dead actor is restarted and its
+typed hand-offs of ``stages.tasks`` travel whole (Arrow tables pickle without
+copies under protocol 5), and Ray Data sees two columns it can move as Arrow.
+No row carries pixels: a task is a shard's URIs, a result its label tables.
+Light stages run as tasks; stages that declare ``actor=True`` run in an
+autoscaling actor pool whose members call ``setup()`` once (the model load) and
+then ``process`` shard after shard. A dead actor is restarted and its
 shard retried (Ray Data's actor-pool defaults: max_restarts/max_task_retries -1).
 """
 
@@ -30,8 +31,7 @@ def unpack(row: dict[str, Any]) -> Any:
 
 
 def _key(obj: Any) -> str:
-    task = getattr(obj, "task", obj)
-    task = getattr(task, "task", task)  # DecodedShard -> ShardTask
+    task = getattr(obj, "task", obj)  # ShardResult -> ShardTask
     return str(getattr(task, "shard_id", ""))
 
 

@@ -1,8 +1,8 @@
 """The Ray cluster a job runs on: start or join it, and check the job fits it.
 
 Checks that can refuse a job run here, before anything is written: a local Ray
-whose pool minimum leaves no CPU for decode and commit tasks would wait
-forever, and ``model.device: cuda`` on a cluster without GPUs cannot run.
+whose pool minimum leaves no CPU for commit tasks would wait forever,
+and ``model.device: cuda`` on a cluster without GPUs cannot run.
 """
 
 from __future__ import annotations
@@ -37,21 +37,21 @@ def init_ray(cfg: JobConfig) -> float:
 
 
 def check_pool_fits(cfg: JobConfig, n_shards: int) -> None:
-    """Refuse a pool whose minimum leaves no CPU for decode and commit tasks: Ray
+    """Refuse a pool whose minimum leaves no CPU for commit tasks: Ray
     would wait forever. Only for a local Ray, whose size is all it will ever be
     (an autoscaling cluster may add nodes)."""
     if not is_local(cfg) or n_shards == 0:
         return
     r = cfg.resources
     lo = min(r.actors[0], n_shards)
-    need = lo * r.cpus_per_actor + r.decode_cpus + COMMIT_CPUS
+    need = lo * (r.cpus_per_actor + r.decode_cpus) + COMMIT_CPUS
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ConfigError(
-            f"{where(cfg)}resources: the actor pool's minimum ({lo} × resources.cpus_per_actor "
-            f"{r.cpus_per_actor}) plus one decode task (resources.decode_cpus {r.decode_cpus}) "
-            f"and one commit task ({COMMIT_CPUS}) needs {need:g} CPUs, but this Ray has "
-            f"{have:g}: lower resources.actors[0] or resources.cpus_per_actor"
+            f"{where(cfg)}resources: the actor pool's minimum ({lo} × (resources.cpus_per_actor "
+            f"{r.cpus_per_actor} + resources.decode_cpus {r.decode_cpus})) plus one commit "
+            f"task ({COMMIT_CPUS}) needs {need:g} CPUs, but this Ray has {have:g}: lower "
+            "resources.actors[0], resources.cpus_per_actor or resources.decode_cpus"
         )
 
 

@@ -1,7 +1,8 @@
 """The job's Ray Data pipelines, built from stages through the one adapter.
 
-    plan ─► images: DecodeStage (tasks) ─► SegmentStage (actors) ─► CommitStage (tasks)
-    plan ─► videos: TrackStage (actors) ─► CommitStage (tasks)  then a stitch task per video
+    plan ─► images: ShardTask ─► SegmentStage (actors: read + decode + label) ─► CommitStage
+    plan ─► videos: ShardTask ─► TrackStage (actors: decode + track) ─► CommitStage
+            then a stitch task per video
 
 Only one small :class:`~sam3ray.stages.tasks.CommitSummary` per shard comes
 back to the driver.
@@ -25,7 +26,6 @@ from sam3ray.runner.adapter import apply, pack, results
 from sam3ray.runner.metrics import RayMetrics
 from sam3ray.runner.planning import read_plan_dataset
 from sam3ray.stages.commit import CommitStage
-from sam3ray.stages.decode import DecodeStage
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import CommitSummary
 from sam3ray.stages.track import TrackStage
@@ -47,7 +47,7 @@ def _model_stage(cfg: JobConfig, plan: JobPlan, kind: str) -> SegmentStage | Tra
         return TrackStage(
             cfg.model, cfg.inference, cfg.video, cfg.input, cfg.resources, concepts, **common
         )
-    return SegmentStage(cfg.model, cfg.inference, cfg.resources, concepts, **common)
+    return SegmentStage(cfg.model, cfg.inference, cfg.input, cfg.resources, concepts, **common)
 
 
 def _packed_tasks(batch: pa.Table) -> pa.Table:
@@ -63,9 +63,9 @@ def label_pipeline(
 ) -> Iterator[CommitSummary]:
     """Label and commit every task of one kind ("image" or "video") of the run's plan.
 
-    The tasks stream from ``_state/plans/<run_id>/`` (never through the driver).
-    Images are decoded by CPU tasks before the model actors; a video shard is
-    decoded by its actor (frames go straight into the model's input tensor).
+    The tasks stream from ``_state/plans/<run_id>/`` (never through the driver). The
+    model actors read and decode their own inputs (images in a bounded prefetch pool,
+    video frames straight into the model's input tensor), so rows carry URIs.
     """
     n = plan.stats.kinds.get(kind, 0)
     if not n:
@@ -76,8 +76,6 @@ def label_pipeline(
     # Ray Data hands an actor a whole block, so unsplit blocks serialise the pool.
     ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(_packed_tasks, batch_format="pyarrow", batch_size=1)
-    if kind == "image":
-        ds = apply(ds, DecodeStage(cfg.input, cfg.inference, cfg.resources), n_rows=n)
     ds = apply(ds, _model_stage(cfg, plan, kind), n_rows=n, num_gpus=num_gpus)
     ds = apply(ds, CommitStage(output, plan.run_id), n_rows=n)
     yield from results(ds)

@@ -142,20 +142,3 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         logger.warning("ignoring unreadable EXIF orientation: %r", exc)
     rgb = _to_rgb(im)
     return np.ascontiguousarray(np.array(rgb, dtype=np.uint8))
-
-
-def downscale_long_side(img: np.ndarray, max_side: int) -> np.ndarray:
-    """Resize (antialiased bilinear) so the long side is ``max_side``; smaller images as is.
-
-    The short side is rounded and kept at least 1 pixel, so extreme panoramas survive.
-    """
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
-    h, w = img.shape[:2]
-    if max(h, w) <= max_side:
-        return img
-    scale = max_side / max(h, w)
-    new_w = max_side if w >= h else max(1, round(w * scale))
-    new_h = max_side if h > w else max(1, round(h * scale))
-    out = Image.fromarray(img).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.array(out, dtype=img.dtype))

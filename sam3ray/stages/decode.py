@@ -1,58 +1,99 @@
-"""Decode stage (CPU tasks): read an image shard's bytes and decode them.
+"""Read and decode a shard's images inside the model actor, ahead of the model.
 
-Every input becomes a :class:`DecodedImage`: pixels (upright per EXIF, RGB,
-shrunk to ``inference.max_imgsz`` on the long side so rows stay small) with the
-original size kept to map boxes and masks back, or the reason it has none. One
-poison file costs only itself.
+Why in the actor and not a stage of its own: a Ray row that carried decoded
+pixels was a whole shard of them (~590 MiB at the defaults, against Ray Data's
+128 MiB blocks), and resizing there meant a second resample before the model's
+own. Now rows carry URIs (a few KB), and the actor's :class:`ImageReader`
+reads and decodes the next images in a bounded thread pool while the model
+works: reads overlap (object-store GETs are latency-bound), Pillow decodes
+without the GIL, and at most ``window`` decoded images wait at once. The
+images reach the model at their original size (upright per EXIF, RGB), so the
+model's one resize is the official one.
+
+Every input becomes a :class:`DecodedImage`: pixels and size, or the reason it
+has none. One poison file costs only itself.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from sam3ray.config.schema import InferenceConfig, InputConfig, ResourcesConfig
+from sam3ray.config.schema import InputConfig
 from sam3ray.core.errors import error_reason, error_text
-from sam3ray.sources.images import decode_image, downscale_long_side
-from sam3ray.stages.base import Resources
-from sam3ray.stages.tasks import DecodedImage, DecodedShard, ShardTask
+from sam3ray.sources.images import decode_image
 
 
-class DecodeStage:
-    """ShardTask → DecodedShard."""
+@dataclass(frozen=True)
+class DecodedImage:
+    """One input after decoding: its pixels and size, or why there are none."""
 
-    name = "decode"
+    uri: str
+    image_id: str
+    pixels: np.ndarray | None  # H×W×3 uint8, the upright original
+    size: tuple[int, int] | None  # (height, width) of the upright original
+    decode_ms: float
+    error: str | None = None
+    error_reason: str | None = None
 
-    def __init__(
-        self, source: InputConfig, inference: InferenceConfig, resources: ResourcesConfig
-    ) -> None:
+    @property
+    def ok(self) -> bool:
+        return self.error_reason is None
+
+    def without_pixels(self) -> DecodedImage:
+        """The same record, pixels dropped (once the model has them)."""
+        return DecodedImage(
+            self.uri, self.image_id, None, self.size, self.decode_ms, self.error, self.error_reason
+        )
+
+
+def decode_one(source: InputConfig, uri: str, image_id: str) -> DecodedImage:
+    """Read ``uri`` with the input's storage options and decode it; failures become data."""
+    t0 = time.perf_counter()
+    try:
+        data = source.location(uri).read_bytes()
+        img = decode_image(data, max_pixels=source.max_pixels)
+        return DecodedImage(uri, image_id, img, (img.shape[0], img.shape[1]), _ms(t0))
+    except Exception as exc:  # one poison file must not cost the shard
+        return DecodedImage(uri, image_id, None, None, _ms(t0), error_text(exc), error_reason(exc))
+
+
+class ImageReader:
+    """Decoded images of a shard, in order, read by ``threads`` threads at most
+    ``window`` images ahead of the consumer."""
+
+    def __init__(self, source: InputConfig, threads: int, window: int) -> None:
+        if threads < 1 or window < 1:
+            raise ValueError("threads and window must be >= 1")
         self.source = source
-        self.max_imgsz = inference.max_imgsz
-        self.resources = Resources(cpus=resources.decode_cpus)
+        self.threads = threads
+        self.window = window
 
-    def setup(self) -> None:
-        """Nothing heavy: decoding needs no state."""
-
-    def decode_one(self, uri: str, image_id: str) -> DecodedImage:
-        t0 = time.perf_counter()
+    def read(self, uris: Sequence[str], image_ids: Sequence[str]) -> Iterator[DecodedImage]:
+        """Yield one :class:`DecodedImage` per input, in input order."""
+        todo = iter(zip(uris, image_ids, strict=True))
+        pending: deque[Future[DecodedImage]] = deque()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sam3ray-decode")
         try:
-            data = self.source.location(uri).read_bytes()
-            img = decode_image(data, max_pixels=self.source.max_pixels)
-            h, w = img.shape[:2]
-            small = np.ascontiguousarray(downscale_long_side(img, self.max_imgsz))
-            return DecodedImage(uri, image_id, small, (h, w), _ms(t0))
-        except Exception as exc:  # one poison file must not cost the shard
-            return DecodedImage(
-                uri, image_id, None, None, _ms(t0), error_text(exc), error_reason(exc)
-            )
 
-    def process(self, task: ShardTask) -> DecodedShard:
-        shard = task.shard
-        if not task.concepts:  # drops only: nothing to label, nothing to read
-            return DecodedShard(task, ())
-        images = tuple(self.decode_one(u, i) for u, i in zip(shard.uris, shard.image_ids))
-        return DecodedShard(task, images)
+            def submit() -> None:
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(decode_one, self.source, *nxt))
+
+            for _ in range(self.window):
+                submit()
+            while pending:
+                item = pending.popleft().result()
+                submit()
+                yield item
+        finally:  # a consumer that stops early must not leave reads running
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ms(t0: float) -> float:

@@ -47,8 +47,8 @@ class ModelStage:
         self.run_id = run_id
         self.checkpoint = checkpoint
         self.metrics = metrics or NullMetrics()
-        self.resources = Resources(
-            cpus=resources.cpus_per_actor,
+        self.resources = Resources(  # the actor also reads and decodes its inputs
+            cpus=resources.cpus_per_actor + resources.decode_cpus,
             gpus=resources.gpus_per_actor,
             actor=True,
             actors=resources.actors,

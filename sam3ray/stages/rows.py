@@ -8,15 +8,23 @@ stops the two paths from drifting apart again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from sam3ray.core.types import Detection
-from sam3ray.output.schema import detections_table, images_table, utc_now
+from sam3ray.output.schema import (
+    DETECTIONS_REQUIRED,
+    DETECTIONS_SCHEMA,
+    detections_table,
+    images_table,
+    utc_now,
+    validate_table,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,46 @@ def detection_rows(
     return rows
 
 
+def batch_detections_table(
+    infos: Sequence[InputInfo], found: Any, *, now: datetime | None = None
+) -> pa.Table:
+    """The detections table of one engine batch, built from its columns.
+
+    ``found`` is the engine's ``BatchDetections`` (``image`` indexes ``infos``).
+    Column for column the table :func:`detection_rows` + ``detections_table``
+    build (tested), without a Python dict per detection: at 100 detections per
+    image that is most of the host's work per image otherwise.
+    """
+    n = len(found)
+    image = found.image
+    pick = lambda values: np.array(values, dtype=object)[image]  # noqa: E731
+    nulls = pa.nulls(n)
+    columns = {
+        "run_id": pa.array(pick([i.run_id for i in infos]), pa.string()),
+        "image_id": pa.array(pick([i.image_id for i in infos]), pa.string()),
+        "uri": pa.array(pick([i.uri for i in infos]), pa.string()),
+        "frame_index": nulls.cast(pa.int32()),
+        "timestamp_s": nulls.cast(pa.float64()),
+        "track_id": nulls.cast(pa.int64()),
+        "class_id": pa.array(found.class_id, pa.string()),
+        "concept": pa.array(found.concept, pa.string()),
+        "query": pa.array(found.query, pa.string()),
+        "score": pa.array(found.score, pa.float32()),
+        "box": pa.FixedSizeListArray.from_arrays(pa.array(found.box.reshape(-1), pa.float32()), 4),
+        "mask_rle": pa.array(found.mask_rle, pa.binary()),
+        "mask_size": pa.FixedSizeListArray.from_arrays(
+            pa.array(found.mask_size.reshape(-1), pa.int32()), 2
+        ),
+        "area": pa.array(found.area, pa.int64()),
+        "width": pa.array(pick([i.width for i in infos]), pa.int32()),
+        "height": pa.array(pick([i.height for i in infos]), pa.int32()),
+        "model": pa.array(pick([i.model for i in infos]), pa.string()),
+        "created_at": pa.array([now or utc_now()] * n, DETECTIONS_SCHEMA.field("created_at").type),
+    }
+    table = pa.Table.from_arrays(list(columns.values()), names=list(columns))
+    return validate_table(table, DETECTIONS_SCHEMA, DETECTIONS_REQUIRED, "detections")
+
+
 def input_row(
     info: InputInfo,
     shard_id: str,
@@ -104,7 +152,11 @@ def input_row(
 
 
 def tables(
-    detections: list[dict[str, Any]], images: list[dict[str, Any]]
+    detections: list[dict[str, Any]] | pa.Table, images: list[dict[str, Any]]
 ) -> tuple[pa.Table, pa.Table]:
-    """Both validated tables of a shard."""
-    return detections_table(detections), images_table(images)
+    """Both validated tables of a shard (detections as rows, or a table already built)."""
+    if isinstance(detections, pa.Table):
+        det = validate_table(detections, DETECTIONS_SCHEMA, DETECTIONS_REQUIRED, "detections")
+    else:
+        det = detections_table(detections)
+    return det, images_table(images)

@@ -1,10 +1,19 @@
-"""Segment stage (GPU actors): SAM 3 over the decoded images of one shard.
+"""Segment stage (GPU actors): read, decode and label one image shard.
 
-``setup()`` loads the model once per actor; ``process`` runs the engine in
-batches of ``inference.images_per_batch``. A batch that fails is redone one
-image at a time, so one poison image costs only itself (``inference_failed``).
-Exemplars that do not fit their image are known only now (after decoding) and
-become that image's error row (``exemplar_outside_image``).
+``setup()`` loads the model once per actor. ``process`` takes a
+:class:`~sam3ray.stages.tasks.ShardTask` (URIs only: rows stay a few KB), reads
+and decodes its images ahead of the model in a bounded thread pool
+(:class:`~sam3ray.stages.decode.ImageReader`), and runs the engine in batches:
+while batch k+1's forward runs on the device, a worker thread turns batch k's
+run-length counts into COCO strings and its detection table (one model, two
+threads: the device never waits for the host's bookkeeping).
+
+Failures are data. A batch that fails is redone one image at a time, so one
+poison image costs only itself (``inference_failed``); a batch that runs out of
+device memory is split in halves and retried (and later batches stay at the
+smaller size), so memory pressure costs time, never a shard. Exemplars that
+do not fit their image are known only after decoding and become that image's
+error row (``exemplar_outside_image``).
 """
 
 from __future__ import annotations
@@ -12,115 +21,232 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
+from sam3ray.config.schema import InferenceConfig, InputConfig, ModelConfig, ResourcesConfig
 from sam3ray.core.errors import error_text
-from sam3ray.core.types import Detection
+from sam3ray.core.types import ConceptSet
+from sam3ray.output.schema import empty_detections
 from sam3ray.sources.prompts import check_exemplars_in_image
+from sam3ray.stages.decode import DecodedImage, ImageReader
 from sam3ray.stages.model_stage import ModelStage
-from sam3ray.stages.rows import InputInfo, detection_rows, input_row, tables
-from sam3ray.stages.tasks import DecodedImage, DecodedShard, ShardResult
+from sam3ray.stages.rows import InputInfo, batch_detections_table, input_row, tables
+from sam3ray.stages.tasks import ShardResult, ShardTask
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Shard:
+    """What one shard's processing accumulates."""
+
+    images: list[DecodedImage] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # index -> detections
+    infer_ms: dict[int, float] = field(default_factory=dict)
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (error, reason)
+    tables: list[tuple[int, pa.Table]] = field(default_factory=list)  # (first index, table)
+    only: tuple[str, ...] | None = None  # a relabel: the concepts to run (None: all)
+
+
 class SegmentStage(ModelStage):
-    """DecodedShard → ShardResult, with one image model per instance."""
+    """ShardTask (images) → ShardResult, with one image model per instance."""
 
     name = "segment"
     engine: Any = None
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        inference: InferenceConfig,
+        source: InputConfig,
+        resources: ResourcesConfig,
+        concepts: ConceptSet,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, inference, resources, concepts, **kwargs)
+        self.source = source
+        self.decode_threads = resources.decode_threads
+        self.gpu_share = resources.gpus_per_actor
+        self._images_per_batch: int | None = None  # lowered after an out-of-memory error
 
     def _load(self) -> str:
         from sam3ray.model.engine import Sam3Engine
 
         if self.engine is None:  # (a test may hand one in)
             self.engine = Sam3Engine.from_config(
-                self.model, self.concepts, self.inference, self.checkpoint
+                self.model,
+                self.concepts,
+                self.inference,
+                self.checkpoint,
+                gpu_share=self.gpu_share or 1.0,
             )
         return self.engine.model_id
 
-    def process(self, task: DecodedShard) -> ShardResult:
+    def images_per_batch(self) -> int:
+        """The engine's planned batch size, or less after an out-of-memory error."""
+        planned = int(self.engine.batch_plan().images_per_batch)
+        return min(planned, self._images_per_batch or planned)
+
+    def process(self, task: ShardTask) -> ShardResult:
         self.setup()
-        images = list(task.images)
-        only = None if task.task.fresh else task.task.concepts
-        found: dict[int, list[Detection]] = {}
-        infer_ms = [0.0] * len(images)
-        failed: dict[int, tuple[str, str]] = {}  # index -> (error, reason)
-        todo = []
-        for i, img in enumerate(images):
-            if not img.ok:
-                continue
-            problem = self._exemplar_problem(img)
-            if problem:
-                failed[i] = (problem, "exemplar_outside_image")
-            else:
-                todo.append(i)
-        step = max(1, self.inference.images_per_batch)
-        for start in range(0, len(todo), step):
-            batch = todo[start : start + step]
+        shard = task.shard
+        acc = _Shard(only=None if task.fresh else task.concepts)
+        if not task.concepts:  # drops only: nothing to read, nothing to label
+            return self._result(task, acc)
+        reader = ImageReader(
+            self.source, self.decode_threads, self.decode_threads + self.images_per_batch()
+        )
+        with ThreadPoolExecutor(1, thread_name_prefix="sam3ray-host") as host:
+            inflight: list[tuple[list[int], Future]] = []
+            batch: list[int] = []
+            pixels: dict[int, Any] = {}
+            for img in reader.read(shard.uris, shard.image_ids):
+                i = len(acc.images)
+                acc.images.append(img.without_pixels())
+                if not img.ok:
+                    continue
+                problem = self._exemplar_problem(img)
+                if problem:
+                    acc.failed[i] = (problem, "exemplar_outside_image")
+                    continue
+                batch.append(i)
+                pixels[i] = img.pixels
+                if len(batch) >= self.images_per_batch():
+                    self._launch(acc, batch, pixels, host, inflight)
+                    batch = []
+            if batch:
+                self._launch(acc, batch, pixels, host, inflight)
+            for idx, fut in inflight:
+                self._collect(acc, idx, fut)
+        return self._result(task, acc)
+
+    # ------------------------------------------------------------------ batches
+    def _launch(self, acc: _Shard, idx: list[int], pixels: dict, host, inflight: list) -> None:
+        """Device phase of a batch (split on OOM, one by one on other errors); its host
+        phase goes to the worker thread. At most one batch waits there, so decoded
+        pixels and device results never pile up."""
+        for part, pending, ms in self._device_phase(acc, idx, pixels):
+            for i in part:
+                acc.infer_ms[i] = ms
+            fut = host.submit(self._host_phase, acc.images, part, pending)
+            inflight.append((part, fut))
+            while len(inflight) > 1:
+                self._collect(acc, *inflight.pop(0))
+        for i in idx:
+            pixels.pop(i, None)
+
+    def _device_phase(self, acc: _Shard, idx: list[int], pixels: dict) -> list[tuple]:
+        """[(indices, PendingBatch, ms per image)] for ``idx``; failures recorded in ``acc``."""
+        from sam3ray.model.engine import is_out_of_memory
+
+        t0 = time.perf_counter()
+        try:
+            pending = self.engine.launch(
+                [pixels[i] for i in idx], self._exemplars(acc, idx), acc.only
+            )
+        except Exception as exc:
+            oom = is_out_of_memory(exc)
+            if len(idx) == 1:
+                logger.exception("inference failed on %s", acc.images[idx[0]].uri)
+                acc.failed[idx[0]] = (error_text(exc), "inference_failed")
+                if oom:
+                    self.engine.release_memory()
+                return []
+            if oom:  # memory, not a poison image: halve the batch, and later ones
+                half = (len(idx) + 1) // 2
+                self._images_per_batch = min(self.images_per_batch(), half)
+                logger.warning("out of memory on %d images: retrying as %d", len(idx), half)
+                parts = [idx[:half], idx[half:]]
+            else:  # find the input(s) that broke the batch; the rest keep their labels
+                logger.exception("inference failed on a batch of %d; one by one", len(idx))
+                parts = [[i] for i in idx]
+            del exc
+            if oom:
+                self.engine.release_memory()
+            return [r for part in parts for r in self._device_phase(acc, part, pixels)]
+        ms = (time.perf_counter() - t0) * 1000 / len(idx)
+        return [(idx, pending, ms)]
+
+    def _host_phase(self, images: list[DecodedImage], idx: list[int], pending: Any) -> tuple:
+        """(detections table, detections per image) of a launched batch (worker thread)."""
+        found = pending.result()
+        infos = [self._info(images[i]) for i in idx]
+        return batch_detections_table(infos, found), found.counts().tolist()
+
+    def _collect(self, acc: _Shard, idx: list[int], fut: Future) -> None:
+        try:
+            table, counts = fut.result()
+        except Exception:  # the host phase broke: redo these images one by one, in full
+            logger.exception("post-processing failed on a batch of %d; one by one", len(idx))
+            if len(idx) == 1:
+                acc.failed[idx[0]] = ("post-processing failed", "inference_failed")
+                return
+            self._redo_alone(acc, idx)
+            return
+        acc.tables.append((idx[0], table))
+        acc.counts.update(zip(idx, counts, strict=True))
+
+    def _redo_alone(self, acc: _Shard, idx: list[int]) -> None:
+        """Re-read and relabel each image of ``idx`` alone, synchronously."""
+        from sam3ray.stages.decode import decode_one
+
+        for i in idx:
+            img = decode_one(self.source, acc.images[i].uri, acc.images[i].image_id)
             try:
-                self._run(images, batch, found, infer_ms, only)
-            except Exception:  # keep the shard: find the input(s) that broke the batch
-                logger.exception("inference failed on shard %s; one by one", task.task.shard_id)
-                for i in batch:  # one poison image must not cost its batch-mates their labels
-                    try:
-                        self._run(images, [i], found, infer_ms, only)
-                    except Exception as exc:
-                        logger.exception("inference failed on %s", images[i].uri)
-                        failed[i] = (error_text(exc), "inference_failed")
-                        found.pop(i, None)
-                        infer_ms[i] = 0.0
-        return self._result(task, images, found, infer_ms, failed)
+                pending = self.engine.launch([img.pixels], self._exemplars(acc, [i]), acc.only)
+                table, counts = self._host_phase(acc.images, [i], pending)
+            except Exception as exc:
+                logger.exception("inference failed on %s", img.uri)
+                acc.failed[i] = (error_text(exc), "inference_failed")
+                continue
+            acc.tables.append((i, table))
+            acc.counts[i] = counts[0]
+
+    # ------------------------------------------------------------------ helpers
+    def _exemplars(self, acc: _Shard, idx: list[int]) -> list | None:
+        if self.geometric is None:
+            return None
+        return [self.geometric.for_image(acc.images[i].uri, acc.images[i].image_id) for i in idx]
 
     def _exemplar_problem(self, img: DecodedImage) -> str | None:
         if self.geometric is None:
             return None
         ex = self.geometric.for_image(img.uri, img.image_id)
-        h, w = img.orig_size
+        h, w = img.size
         return check_exemplars_in_image(ex, int(w), int(h)) if ex else None
 
-    def _run(self, images: list[DecodedImage], idx: list[int], found, infer_ms, only) -> None:
-        exemplars = None
-        if self.geometric is not None:
-            exemplars = [self.geometric.for_image(images[i].uri, images[i].image_id) for i in idx]
-        t0 = time.perf_counter()
-        results = self.engine.predict(
-            [images[i].pixels for i in idx],
-            exemplars=exemplars,
-            orig_sizes=[images[i].orig_size for i in idx],
-            only=only,
-        )
-        per_image_ms = (time.perf_counter() - t0) * 1000 / len(idx)
-        for i, dets in zip(idx, results, strict=True):
-            found[i] = dets
-            infer_ms[i] = per_image_ms
+    def _info(self, img: DecodedImage) -> InputInfo:
+        h, w = img.size or (None, None)
+        return InputInfo(self.run_id, img.image_id, img.uri, w, h, self.engine.model_id)
 
-    def _result(self, task, images, found, infer_ms, failed) -> ShardResult:
-        shard_id = task.task.shard_id
-        det_rows, img_rows = [], []
-        for i, img in enumerate(images):
-            h, w = img.orig_size or (None, None)
-            info = InputInfo(self.run_id, img.image_id, img.uri, w, h, self.engine.model_id)
-            error, reason = failed.get(i, (img.error, img.error_reason))
+    def _result(self, task: ShardTask, acc: _Shard) -> ShardResult:
+        shard_id = task.shard_id
+        img_rows = []
+        for i, img in enumerate(acc.images):
+            error, reason = acc.failed.get(i, (img.error, img.error_reason))
             status = "error" if reason else "ok"
-            dets = found.get(i, []) if status == "ok" else []
-            det_rows += detection_rows(info, dets)
             img_rows.append(
                 input_row(
-                    info,
+                    self._info(img),
                     shard_id,
                     status=status,
-                    n_detections=len(dets),
+                    n_detections=acc.counts.get(i, 0) if status == "ok" else 0,
                     decode_ms=img.decode_ms,
-                    infer_ms=infer_ms[i] if status == "ok" else 0.0,
+                    infer_ms=acc.infer_ms.get(i, 0.0) if status == "ok" else 0.0,
                     error=error,
                     error_reason=reason,
                 )
             )
             self.metrics.record_image(status, reason)
             if status == "ok":
-                self.metrics.record_latency(infer_ms[i])
-        for concept, n in Counter(d["concept"] for d in det_rows).items():
+                self.metrics.record_latency(acc.infer_ms.get(i, 0.0))
+        ok_tables = [t for _, t in sorted(acc.tables, key=lambda x: x[0])]
+        det = pa.concat_tables(ok_tables) if ok_tables else empty_detections()
+        for concept, n in Counter(det.column("concept").to_pylist()).items():
             self.metrics.record_detections(concept, n)
-        det, img = tables(det_rows, img_rows)
-        return ShardResult(task.task, det, img, self.worker, time.time())
+        det, img = tables(det, img_rows)
+        return ShardResult(task, det, img, self.worker, time.time())

@@ -1,10 +1,12 @@
 """The typed hand-offs between stages (frozen values; the runner moves them whole).
 
-    ShardTask ──decode──► DecodedShard ──segment──► ShardResult ──commit──► CommitSummary
-    ShardTask ──────────────track─────────────────► ShardResult ──commit──► CommitSummary
+    ShardTask ──segment (reads + decodes images)──► ShardResult ──commit──► CommitSummary
+    ShardTask ──track (decodes video frames)──────► ShardResult ──commit──► CommitSummary
 
 Images and videos share every type; a video result also carries its staging
-table (all decoded frames with local track ids) for the stitch pass.
+table (all decoded frames with local track ids) for the stitch pass. No
+hand-off carries pixels: a task is a shard's URIs (a few KB), and the model
+actors read and decode their inputs themselves.
 """
 
 from __future__ import annotations
@@ -12,33 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 from sam3ray.core.shards import ShardTask
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """One input after decoding: pixels and original size, or why there are none."""
-
-    uri: str
-    image_id: str
-    pixels: np.ndarray | None  # H×W×3 uint8, possibly shrunk (see orig_size)
-    orig_size: tuple[int, int] | None  # (height, width) of the upright original
-    decode_ms: float
-    error: str | None = None
-    error_reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error_reason is None
-
-
-@dataclass(frozen=True)
-class DecodedShard:
-    task: ShardTask
-    images: tuple[DecodedImage, ...]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_cuda_float32_matches_cpu(tiny_checkpoint):
         assert all(x[0] == y[0] and abs(x[1] - y[1]) <= 2e-3 for x, y in zip(sa, sb))
 
 
-def test_cuda_bf16_autocast_runs_and_packs_queries(tiny_checkpoint):
+def test_cuda_bf16_weights_run_and_pack_queries(tiny_checkpoint):
     from sam3ray import InferenceConfig, Sam3Engine
 
     eng = Sam3Engine.from_checkpoint(
@@ -58,9 +58,62 @@ def test_cuda_bf16_autocast_runs_and_packs_queries(tiny_checkpoint):
         device="cuda",
         dtype="bfloat16",
     )
+    dtypes = {p.dtype for p in eng.model.parameters()}
+    assert dtypes == {torch.bfloat16, torch.float32}  # bf16 weights, float32 norms
     out = eng.predict(_images())
     assert eng.stats.grounding_forwards == 1  # 4 images × 3 texts in one pack on GPU
     assert sum(map(len, out)) > 0
     for dets in out:
         for d in dets:
             assert np.isfinite(d.score) and d.area >= 0
+
+
+def test_rle_counts_on_cuda_equal_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    from sam3ray.model.postprocess import coco_strings, rle_counts
+
+    rng = np.random.default_rng(0)
+    for n, h, w in [(5, 777, 1036), (3, 1, 257), (3, 257, 1), (2, 31, 17)]:
+        masks = rng.random((n, h, w)) > 0.7
+        masks[0] = False
+        counts, lengths, areas = rle_counts(torch.from_numpy(masks).cuda())
+        got = coco_strings(counts.cpu().numpy(), lengths.cpu().numpy())
+        ref = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        assert got == [r["counts"] for r in ref]
+        assert areas.cpu().tolist() == [int(m.sum()) for m in masks]
+
+
+def test_batched_nms_on_cuda_equals_torchvision_per_group():
+    from sam3ray.model.postprocess import batched_nms
+
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=gen) * 400
+    boxes = torch.cat([xy, xy + torch.rand(500, 2, generator=gen) * 120 + 1], 1).cuda()
+    scores = torch.rand(500, generator=gen).cuda()
+    groups = torch.randint(0, 9, (500,), generator=gen).cuda()
+    want = []
+    for g in groups.unique().tolist():
+        idx = torch.nonzero(groups == g).flatten()
+        want += idx[torch.ops.torchvision.nms(boxes[idx], scores[idx], 0.5)].tolist()
+    got = torch.nonzero(batched_nms(boxes, scores, groups, 0.5)).flatten().tolist()
+    assert got == sorted(want)
+
+
+def test_auto_batch_sizes_fit_the_share_they_were_planned_for(tiny_checkpoint):
+    """On CUDA, "auto" measures activation sizes on the device and plans to the share:
+    a batch at the planned sizes stays within the budget."""
+    from sam3ray import InferenceConfig, Sam3Engine
+
+    eng = Sam3Engine.from_checkpoint(
+        tiny_checkpoint, _concepts(), InferenceConfig(conf=0.3), device="cuda", gpu_share=0.25
+    )
+    plan = eng.batch_plan()
+    assert plan.sizes is not None and plan.sizes.per_query > 0 and plan.sizes.per_image > 0
+    assert plan.images_per_batch >= 1 and plan.queries_per_forward >= 1
+    assert "over budget" not in plan.reason
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    images = [_images()[i % 4] for i in range(plan.images_per_batch)]
+    eng.predict(images)
+    assert torch.cuda.max_memory_allocated() - base <= plan.budget_bytes

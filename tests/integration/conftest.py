@@ -7,8 +7,8 @@ are JPEG/PNG files on disk or objects in the session's moto S3 server
 in a few minutes on two cores: ~12-16 images of at most 320 px, 3 classes.
 
 The reference for "what the job should have produced" is :func:`engine_reference`:
-``Sam3Engine`` run directly in this process over the same bytes, decoded and
-downscaled exactly as the decode stage does.
+``Sam3Engine`` run directly in this process over the same bytes, decoded as the
+image actors' reader does (original size, upright, RGB).
 """
 
 from __future__ import annotations
@@ -182,17 +182,13 @@ def engine_for(checkpoint: str, concepts_uri: str, storage_options: dict[str, An
     )
 
 
-def decode_like_the_job(
-    uri: str, storage_options: dict[str, Any] | None = None
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes → RGB → downscaled to ``max_imgsz``, plus the original (h, w): as the decode stage."""
-    from sam3ray.sources.images import decode_image, downscale_long_side
+def decode_like_the_job(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Bytes → upright RGB at the original size: what the image actors' reader gives the model."""
+    from sam3ray.sources.images import decode_image
     from sam3ray.storage.location import Location
 
     data = Location(uri, storage_options or {}).read_bytes()
-    img = decode_image(data, max_pixels=178_956_970)
-    h, w = img.shape[:2]
-    return downscale_long_side(img, INFERENCE["max_imgsz"]), (h, w)
+    return decode_image(data, max_pixels=178_956_970)
 
 
 def engine_reference(
@@ -204,11 +200,9 @@ def engine_reference(
     uris = list(uris)
     for start in range(0, len(uris), step):
         chunk = uris[start : start + step]
-        decoded = [decode_like_the_job(u, storage_options) for u in chunk]
         results = engine.predict(
-            [d[0] for d in decoded],
+            [decode_like_the_job(u, storage_options) for u in chunk],
             exemplars=None if exemplars is None else [exemplars.get(u) for u in chunk],
-            orig_sizes=[d[1] for d in decoded],
         )
         for uri, found in zip(chunk, results):
             for d in found:

@@ -65,8 +65,7 @@ def test_images_table_invariant_and_summary(it, local_job):
     assert s["detections_by_concept"] == {r["concept"]: r["score_count"] for r in per_concept}
     on_disk = json.loads(Path(local_job["out"], "runs", f"{s['run_id']}.json").read_text())
     assert on_disk["detections"] == s["detections"] and on_disk["status"] == "succeeded"
-    # 320-px images were downscaled to max_imgsz (256) for the model, yet the
-    # tables report them (and their masks, see check_images_invariant) in original pixels.
+    # The tables report images (and their masks, see check_images_invariant) in original pixels.
     assert {(r["width"], r["height"]) for r in images.to_pylist()} >= {(320, 240), (320, 320)}
 
 
@@ -295,11 +294,12 @@ def test_bad_concept_table_fails_before_ray_starts(it, tiny_checkpoint, tmp_path
     assert not (tmp_path / "labels").exists(), "nothing is written before validation passes"
 
 
-def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint, tmp_path):
-    """resources.actors [2, 2] x cpus_per_actor 1 on a 2-CPU Ray: the pool's minimum takes
-    every CPU, so no decode task can ever be scheduled. The job must say so (naming the
-    resources.* fields) instead of waiting forever. Its own Ray, in its own process group,
-    killed after 60 s: a hang must not take the session's Ray down with it.
+def test_pool_leaving_no_cpu_for_commit_is_refused_not_hung(it, tiny_checkpoint, tmp_path):
+    """resources.actors [2, 2] x (cpus_per_actor 1 + decode_cpus 0.5) on a 2-CPU Ray: the
+    pool's minimum takes more than every CPU, so no commit task could ever be scheduled.
+    The job must say so (naming the resources.* fields) instead of waiting forever. Its
+    own Ray, in its own process group, killed after 60 s: a hang must not take the
+    session's Ray down with it.
     shard_size 1 gives 4 shards, so the pool minimum is never cut to the shard count
     (at shard_size 2, content-defined cuts over tmp paths can make one shard of 4)."""
     images = tmp_path / "images"
@@ -321,7 +321,6 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
             "input": {{"uris": [{str(images)!r}]}},
             "prompts": {{"concepts": {concepts!r}}},
             "model": {{"checkpoint": {tiny_checkpoint!r}, "device": "cpu", "dtype": "float32"}},
-            "inference": {{"max_imgsz": 256}},
             "resources": {{"gpus_per_actor": 0, "cpus_per_actor": 1, "actors": [2, 2],
                            "decode_cpus": 0.5}},
             "output": {{"uri": {str(tmp_path / "labels")!r}, "shard_size": 1,
@@ -351,11 +350,11 @@ def test_pool_leaving_no_cpu_for_decode_is_refused_not_hung(it, tiny_checkpoint,
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # the group this test started: driver, raylet, workers
         proc.communicate()
-        pytest.fail("run_job hung with an actor pool that leaves no CPU for decode tasks")
+        pytest.fail("run_job hung with an actor pool that leaves no CPU for commit tasks")
     assert proc.returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["raised"] == "ConfigError", "expected a refusal naming resources.*"
-    assert "resources." in result["message"], result
+    assert "resources.decode_cpus" in result["message"], result
     assert all(p.read_text() == "an earlier run's file" for p in kept), "refused, not cleared"
 
 

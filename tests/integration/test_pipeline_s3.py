@@ -1,8 +1,8 @@
 """The image job end to end against S3: a real moto server on 127.0.0.1, a real local Ray.
 
 Inputs, the concept table and the tiny checkpoint are objects in one bucket;
-the decode tasks, the actors (checkpoint download) and the writer tasks all
-talk to the server over HTTP, and the output is written back to the bucket.
+the actors (image reads, in parallel, and the checkpoint download) and the writer
+tasks all talk to the server over HTTP, and the output is written back to the bucket.
 What was written is read back with plain pyarrow (its own S3 client), pandas
 (s3fs) and boto3 listings, never through sam3ray's own reader.
 """

@@ -35,14 +35,12 @@ CONCEPTS_CSV = (
     f"{PERSON},person,person,\n"
     f"{ROCKET},rocket,rocket,0.5\n"
 )
-#: ``inference:`` of the integration jobs. max_imgsz 256 < the largest test image
-#: (320 px), so the decode stage's downscale and the orig-size mapping are exercised.
+#: ``inference:`` of the integration jobs (masks in original pixels: max_imgsz unset).
 INFERENCE: dict[str, Any] = {
     "conf": 0.4,
     "iou": 0.7,
     "nms": True,
     "max_det": 50,
-    "max_imgsz": 256,
     "images_per_batch": 4,
     "queries_per_forward": 32,
 }
@@ -55,11 +53,10 @@ FAULT_INFERENCE: dict[str, Any] = {
     "iou": 0.7,
     "nms": True,
     "max_det": 8,
-    "max_imgsz": 128,
     "images_per_batch": 2,
     "queries_per_forward": 8,
 }
-#: The fault jobs' own local Ray is small: one actor of one CPU, quarter-CPU decodes.
+#: The fault jobs' own local Ray is small: one actor of one CPU plus a quarter for decoding.
 FAULT_RESOURCES: dict[str, Any] = {
     "cpus_per_actor": 1,
     "decode_cpus": 0.25,
@@ -95,7 +92,8 @@ def job_dict(
     **output_extra: Any,
 ) -> dict[str, Any]:
     """A small CPU job as plain data (YAML-able for the CLI): tiny model, float32,
-    1-2 single-thread actors, small shards."""
+    1-2 single-thread actors (each 0.5 + 0.25 CPU for decoding: two fit next to a
+    commit task on two cores), small shards."""
     return {
         "run_id": run_id,
         "input": {
@@ -115,7 +113,7 @@ def job_dict(
             "gpus_per_actor": 0,
             "cpus_per_actor": 0.5,
             "actors": list(actors),
-            "decode_cpus": 0.5,
+            "decode_cpus": 0.25,
             **(resources or {}),
         },
         "output": {"uri": output, "shard_size": shard_size, **output_extra},

@@ -23,16 +23,13 @@ from PIL import Image
 
 from sam3ray.config import (
     ConfigError,
-    InferenceConfig,
     InputConfig,
     JobConfig,
-    ResourcesConfig,
     redact,
     validate_paths,
 )
 from sam3ray.core.errors import DecodeError, InputError, PromptTableError
 from sam3ray.core.ids import input_id
-from sam3ray.core.shards import Shard
 from sam3ray.model.loader import CheckpointError, read_checkpoint
 from sam3ray.output.layout import detections_path
 from sam3ray.output.schema import detections_table, images_table
@@ -40,8 +37,7 @@ from sam3ray.output.writer import ShardOutput, ShardWriter
 from sam3ray.sources.images import decode_image
 from sam3ray.sources.listing import list_inputs
 from sam3ray.sources.prompts import load_concepts
-from sam3ray.stages.decode import DecodeStage
-from sam3ray.stages.tasks import DecodedShard, ShardTask
+from sam3ray.stages.decode import DecodedImage, ImageReader
 from sam3ray.storage.location import Location
 from tests.support.bad_inputs import DEFAULT_MAX_PIXELS, png_bomb
 from tests.support.images import encode
@@ -56,11 +52,9 @@ def write_shard(out: Path, shard_id: str, det, img) -> None:
     ShardWriter(Location(str(out))).write(ShardOutput(shard_id, "r1", det, img))
 
 
-def decode(input_cfg: InputConfig, uris: list[str], image_ids: list[str]) -> DecodedShard:
-    """What the job's decode stage makes of one shard of ``uris`` (``max_imgsz`` 64)."""
-    shard = Shard("s1", "image", tuple(uris), tuple(image_ids))
-    stage = DecodeStage(input_cfg, InferenceConfig(max_imgsz=64), ResourcesConfig())
-    return stage.process(ShardTask(shard, (CID,)))
+def decode(input_cfg: InputConfig, uris: list[str], image_ids: list[str]) -> list[DecodedImage]:
+    """What the job's image actor makes of one shard of ``uris`` (its reader)."""
+    return list(ImageReader(input_cfg, threads=2, window=2).read(uris, image_ids))
 
 
 # -- 1. path components -------------------------------------------------------------------
@@ -257,7 +251,7 @@ def test_credentials_stay_out_of_logs_errors_and_summaries(moto_s3, caplog, capf
         cfg = InputConfig(uris=[f"s3://{bucket}/in/"], storage_options=opts, max_pixels=10**6)
         refs = list_inputs(cfg)
         uris = [r.uri for r in refs] + [f"s3://{bucket}/in/missing.png"]
-        decoded = decode(cfg, uris, [r.image_id for r in refs] + ["0" * 16]).images
+        decoded = decode(cfg, uris, [r.image_id for r in refs] + ["0" * 16])
         assert Location(good, opts).read_bytes()
     assert [d.ok for d in decoded] == [True, False] and decoded[1].error_reason == "not_found"
     job = JobConfig.model_validate(
@@ -311,9 +305,9 @@ def test_bomb_limit_has_a_safe_default_and_is_configurable(tmp_path):
     path = tmp_path / "img.png"
     Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
     small = decode(InputConfig(uris=[str(path)], max_pixels=9_999), [str(path)], ["0" * 16])
-    assert [d.error_reason for d in small.images] == ["too_large"]
+    assert [d.error_reason for d in small] == ["too_large"]
     fits = decode(InputConfig(uris=[str(path)], max_pixels=10_000), [str(path)], ["0" * 16])
-    assert [d.ok for d in fits.images] == [True]
+    assert [d.ok for d in fits] == [True]
 
 
 # -- 6. manifests cannot escape the object store ------------------------------------------

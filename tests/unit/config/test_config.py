@@ -41,7 +41,8 @@ def minimal(**extra) -> dict:
 def test_minimal_config_gets_defaults(tmp_path):
     cfg = load_config(write_cfg(tmp_path / "job.yaml", minimal()))
     assert cfg.inference.conf == 0.4 and cfg.inference.iou == 0.7 and cfg.inference.max_det == 300
-    assert cfg.inference.max_imgsz == 1036 and cfg.resources.actors == (1, 8)
+    assert cfg.inference.max_imgsz is None and cfg.resources.actors == (1, 8)
+    assert cfg.inference.images_per_batch == cfg.inference.queries_per_forward == "auto"
     assert cfg.output.mode == "resume" and cfg.video.overlap_frames == 8
     assert cfg.model.checkpoint == "facebook/sam3"  # a hub id stays as is
     assert cfg.input.max_pixels == 178_956_970 and ".tiff" in cfg.input.extensions
@@ -126,6 +127,17 @@ def test_max_imgsz_decides_image_labels_only(tmp_path):
         assert label_settings(base, p) == label_settings(faster, p)
     stricter = load_config(path, ["inference.conf=0.6"])
     assert label_settings(stricter, "video")["inference.conf"] == 0.6
+
+
+def test_batch_sizes_are_whole_numbers_or_auto(tmp_path):
+    path = write_cfg(tmp_path / "job.yaml", minimal())
+    cfg = load_config(path, ["inference.images_per_batch=auto", "inference.queries_per_forward=16"])
+    assert (cfg.inference.images_per_batch, cfg.inference.queries_per_forward) == ("auto", 16)
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(ConfigError, match="images_per_batch"):
+            load_config(path, [f"inference.images_per_batch={bad}"])
+    with pytest.raises(ConfigError, match="max_imgsz"):
+        load_config(path, ["inference.max_imgsz=16"])  # below 32: not a mask grid
 
 
 def test_overrides_parse_yaml_values(tmp_path):

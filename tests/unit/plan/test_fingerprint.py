@@ -101,7 +101,7 @@ def test_job_settings_are_plain_json():
     assert json.loads(json.dumps(settings)) == settings
     assert settings["image"] == {
         "inference.conf": 0.4, "inference.iou": 0.7, "inference.nms": True,
-        "inference.max_det": 300, "inference.max_imgsz": 1036,
+        "inference.max_det": 300, "inference.max_imgsz": None,
         "model.checkpoint": "s3://models/sam3.pt",
     }  # fmt: skip
     assert settings["video"] == {
@@ -137,6 +137,7 @@ SPEED_CHANGES = {
     ("resources", "cpus_per_actor"): 3.0,
     ("resources", "actors"): [3, 5],
     ("resources", "decode_cpus"): 0.5,
+    ("resources", "decode_threads"): 2,
     ("resources", "ray_address"): "ray://head:10001",
     ("resources", "object_store_memory"): 10**9,
     ("output", "shard_size"): 16,

@@ -94,7 +94,7 @@ def test_a_refused_settings_change_names_the_run_and_deletes_nothing(lake):
 
 def test_redo_relabels_every_concept_of_every_shard_without_deleting(lake):
     before = snapshot(lake.output)
-    changed = {**INFERENCE, "max_imgsz": INFERENCE["max_imgsz"] * 2}
+    changed = {**INFERENCE, "max_imgsz": 512}
     tasks, stats = plan(lake.config(on_settings_change="redo", inference=changed))
     assert len(tasks) == 5 and stats.relabel_shards == 5 and stats.relabel_inputs == 20
     for t in tasks:

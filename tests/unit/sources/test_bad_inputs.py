@@ -22,13 +22,13 @@ import pytest
 from sam3ray.config import InferenceConfig, InputConfig, ModelConfig, ResourcesConfig
 from sam3ray.core.ids import input_id
 from sam3ray.core.shards import Shard
-from sam3ray.core.types import Concept, ConceptSet, Detection
+from sam3ray.core.types import Concept, ConceptSet
 from sam3ray.output.markers import scan_markers
 from sam3ray.output.schema import detections_table, images_table
 from sam3ray.plan.shards import image_shard_id
 from sam3ray.sources.listing import list_inputs
 from sam3ray.stages.commit import CommitStage
-from sam3ray.stages.decode import DecodeStage
+from sam3ray.stages.decode import ImageReader
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import ShardResult, ShardTask, WorkerInfo
 from sam3ray.storage.location import Location
@@ -47,93 +47,136 @@ def image_shard(uris: list[str]) -> ShardTask:
     return ShardTask(shard, (THING,), ((THING, "fp"),))
 
 
-def decode_stage(max_pixels: int, max_imgsz: int) -> DecodeStage:
+def reader(max_pixels: int, threads: int = 3, window: int = 4) -> ImageReader:
     source = InputConfig(uris=["unused"], max_pixels=max_pixels)
-    return DecodeStage(source, InferenceConfig(max_imgsz=max_imgsz), ResourcesConfig())
+    return ImageReader(source, threads=threads, window=window)
 
 
 # -- decode: every poison file is one error entry, every odd-but-valid one decodes ----------
 
 
-def test_decode_stage_gives_one_entry_per_input_with_a_reason(tmp_path):
+def test_reader_gives_one_entry_per_input_in_order_with_a_reason(tmp_path):
     files = bad_inputs() + good_inputs(2)
     uris = []
     for f in files:
         (tmp_path / f.name).write_bytes(f.data)
         uris.append(str(tmp_path / f.name))
     uris.append(str(tmp_path / "vanished.jpg"))  # listed, then deleted before the read
-    out = decode_stage(DEFAULT_MAX_PIXELS, 256).process(image_shard(uris))
-    assert len(out.images) == len(uris)
-    assert [d.uri for d in out.images] == uris
-    for d, f in zip(out.images, files):
+    out = list(reader(DEFAULT_MAX_PIXELS).read(uris, [f"id{i}" for i in range(len(uris))]))
+    assert len(out) == len(uris)
+    assert [d.uri for d in out] == uris and [d.image_id for d in out][:2] == ["id0", "id1"]
+    for d, f in zip(out, files):
         if f.status == "error":
             assert (d.ok, d.error_reason) == (False, f.reason), f.name
             assert d.error.startswith(f"DecodeError: {f.reason}: "), d.error
-            assert d.pixels is None and d.orig_size is None
+            assert d.pixels is None and d.size is None
         else:
             assert (d.ok, d.error, d.error_reason) == (True, None, None), f.name
-            assert d.orig_size == f.size, f.name  # upright: EXIF applied
-            h, w = d.pixels.shape[:2]
-            assert max(h, w) <= 256 and min(h, w) >= 1
-            assert d.pixels.shape == (h, w, 3) and d.pixels.dtype == np.uint8
+            assert d.size == f.size, f.name  # upright: EXIF applied
+            assert d.pixels.shape == (*f.size, 3) and d.pixels.dtype == np.uint8  # original size
             assert d.pixels.flags["C_CONTIGUOUS"]
-    last = out.images[-1]
+    last = out[-1]
     assert (last.ok, last.error_reason) == (False, "not_found")
     assert "vanished.jpg" in last.error
+
+
+def test_reader_reads_ahead_in_parallel_but_only_window_images(tmp_path, monkeypatch):
+    """Reads overlap (several in flight at once) and never run more than ``window``
+    images ahead of the consumer: the bound on decoded pixels an actor holds."""
+    import threading
+
+    import sam3ray.stages.decode as decode_mod
+
+    uris = []
+    for i, f in enumerate(good_inputs(12)):
+        path = tmp_path / f"{i:02d}.png"
+        path.write_bytes(f.data)
+        uris.append(str(path))
+    lock = threading.Lock()
+    state = {"active": 0, "most": 0, "started": 0}
+    real = decode_mod.decode_one
+
+    def slow(source, uri, image_id):
+        with lock:
+            state["active"] += 1
+            state["started"] += 1
+            state["most"] = max(state["most"], state["active"])
+        time.sleep(0.05)  # a slow GET
+        try:
+            return real(source, uri, image_id)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(decode_mod, "decode_one", slow)
+    it = reader(DEFAULT_MAX_PIXELS, threads=3, window=4).read(uris, uris)
+    first = next(it)
+    time.sleep(0.3)  # the consumer dawdles: the reader must stop at the window
+    assert first.uri == uris[0] and first.ok
+    assert state["started"] == 5  # the consumed one + 4 ahead, not all 12
+    rest = list(it)
+    assert [d.uri for d in rest] == uris[1:] and all(d.ok for d in rest)
+    assert 2 <= state["most"] <= 3  # reads overlapped, never beyond the thread count
+    it = reader(DEFAULT_MAX_PIXELS, threads=2, window=2).read(uris, uris)
+    next(it)
+    it.close()  # a consumer that stops early leaves nothing running
+    assert state["active"] == 0
 
 
 # -- inference: one poison image does not cost its batch-mates ------------------------------
 
 
-class _FakeEngine:
-    """Raises for any batch that holds a 13x17 image; else one detection per image."""
+class PoisonEngine:
+    """A real engine that raises for any batch holding a 13x17 image (a wrapper, as in
+    tests/support/faults.py: the production code has no switch for it)."""
 
-    model_id = "fake@0"
-
-    def __init__(self) -> None:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
         self.calls: list[int] = []
 
-    def predict(self, images, exemplars=None, orig_sizes=None, only=None):
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, images, exemplars=None, only=None):
         assert only is None, "a fresh task labels every concept"
         self.calls.append(len(images))
         if any(img.shape[:2] == (13, 17) for img in images):
             raise RuntimeError("shape mismatch in the mask decoder")
-        out = []
-        for img, (h, w) in zip(images, orig_sizes):
-            mask = f"rle-{img.sum()}".encode()
-            out.append(
-                [Detection(THING, "thing", 'text:"x"', 0.9, (0, 0, w, h), mask, (h, w), h * w)]
-            )
-        return out
+        return self.inner.launch(images, exemplars, only)
 
 
-def test_a_poison_image_fails_alone_not_its_whole_batch(tmp_path):
+def test_a_poison_image_fails_alone_not_its_whole_batch(tmp_path, tiny_checkpoint):
     from PIL import Image
 
-    sizes = [(20, 30), (13, 17), (24, 24), (16, 40)]  # the second one breaks inference
+    from sam3ray.model.engine import Sam3Engine
+
+    sizes = [(40, 30), (13, 17), (44, 44), (36, 60)]  # the second one breaks inference
     uris = []
     for i, (h, w) in enumerate(sizes):
         path = tmp_path / f"{i}.png"
         Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(path)
         uris.append(str(path))
-    decoded = decode_stage(10**8, 64).process(image_shard(uris))
     concepts = ConceptSet((Concept(THING, "thing", ("x",)),))
+    inference = InferenceConfig(images_per_batch=4, conf=0.0, max_det=3)
     stage = SegmentStage(
         ModelConfig(checkpoint="unused"),
-        InferenceConfig(images_per_batch=4),
+        inference,
+        InputConfig(uris=[str(tmp_path)]),
         ResourcesConfig(),
         concepts,
         run_id="r1",
     )
-    stage.engine = engine = _FakeEngine()
-    result = stage.process(decoded)
+    inner = Sam3Engine.from_checkpoint(tiny_checkpoint, concepts, inference, device="cpu")
+    stage.engine = engine = PoisonEngine(inner)
+    result = stage.process(image_shard(uris))
     images = result.images.to_pylist()
     dets = result.detections
     assert [r["status"] for r in images] == ["ok", "error", "ok", "ok"]
     bad = images[1]
     assert bad["error_reason"] == "inference_failed" and "mask decoder" in bad["error"]
-    assert [r["n_detections"] for r in images] == [1, 0, 1, 1]
-    assert sorted(dets.column("uri").to_pylist()) == sorted([uris[0], uris[2], uris[3]])
+    assert [r["n_detections"] for r in images] == [3, 0, 3, 3]
+    assert sorted(set(dets.column("uri").to_pylist())) == sorted([uris[0], uris[2], uris[3]])
     assert engine.calls == [4, 1, 1, 1, 1]  # the batch, then each image alone
 
 
@@ -315,7 +358,12 @@ def test_crash_actors_wraps_the_pipelines_segment_stage(monkeypatch, tmp_path):
     crash_actors(monkeypatch, 3, str(tmp_path))
     concepts = ConceptSet((Concept(THING, "thing", ("x",)),))
     stage = pipelines.SegmentStage(
-        ModelConfig(checkpoint="unused"), InferenceConfig(), ResourcesConfig(), concepts, run_id="r"
+        ModelConfig(checkpoint="unused"),
+        InferenceConfig(),
+        InputConfig(uris=["unused"]),
+        ResourcesConfig(),
+        concepts,
+        run_id="r",
     )
     assert isinstance(stage, ExitOnShard) and isinstance(stage.inner, SegmentStage)
     assert (stage.n, stage.state_dir, stage.name) == (3, str(tmp_path), "segment")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sam3ray.core.errors import DecodeError
-from sam3ray.sources.images import decode_image, downscale_long_side
+from sam3ray.sources.images import decode_image
 from sam3ray.storage.location import Location
 from tests.support.images import encode
 
@@ -129,9 +129,6 @@ def test_one_by_one_and_extreme_aspect():
     check(decode_image(encode(Image.new("RGB", (1, 1), RED), "PNG"), max_pixels=LIMIT), 1, 1)
     long = decode_image(encode(Image.new("RGB", (20000, 20), BLUE), "PNG"), max_pixels=LIMIT)
     check(long, 20, 20000)
-    small = downscale_long_side(long, 1036)
-    check(small, 1, 1036)
-    assert (small == BLUE).all()
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -203,18 +200,3 @@ def test_misnamed_files_read_from_disk(tmp_path):
         with pytest.raises(DecodeError) as err:
             decode_image(Location(str(tmp_path / name)).read_bytes(), max_pixels=LIMIT)
         assert err.value.reason == reason
-
-
-def test_downscale_long_side():
-    img = np.zeros((1000, 2000, 3), np.uint8)
-    assert downscale_long_side(img, 1036).shape == (518, 1036, 3)
-    assert downscale_long_side(img.transpose(1, 0, 2), 1036).shape == (1036, 518, 3)
-    assert downscale_long_side(np.zeros((50, 50, 3), np.uint8), 32).shape == (32, 32, 3)
-    small = np.zeros((10, 20, 3), np.uint8)
-    assert downscale_long_side(small, 20) is small
-    gradient = np.tile(np.arange(0, 256, dtype=np.uint8), (4, 4)).reshape(4, 1024)
-    rgb = np.repeat(gradient[..., None], 3, axis=2)
-    out = downscale_long_side(rgb, 256)
-    assert out.shape == (1, 256, 3) and out.flags["C_CONTIGUOUS"]
-    with pytest.raises(ValueError):
-        downscale_long_side(img, 0)
