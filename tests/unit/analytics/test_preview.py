@@ -121,7 +121,7 @@ def test_tools_on_object_storage(moto_s3, tmp_path):
     bucket = moto_s3.new_bucket("gallery")
     opts = moto_s3.storage_options
     syn = build_output(f"s3://{bucket}/out", opts, f"s3://{bucket}/images")
-    stats = compute_stats(syn.loc)
+    stats = compute_stats(syn.loc, write=True)
     rows = {r["class_id"]: r for r in stats.concepts.to_pylist()}
     assert rows[CIRCLE]["detections"] == len(syn.masks(CIRCLE))
     assert rows[UNUSED]["detections"] == 0 and rows[UNUSED]["concept"] == "unused"
