@@ -20,6 +20,7 @@ import pytest
 
 from sam3ray.analytics.labelstudio import brush_rle_to_mask
 from sam3ray.cli import main
+from tests.support.labelstudio import create_project, project_tasks
 from tests.unit.analytics.test_scan import NAMES, build_output
 
 
@@ -38,26 +39,6 @@ def _export(output: str, tmp: Path, fmt: str, *extra: str) -> tuple[list[dict], 
     return json.loads(tasks.read_text(encoding="utf-8")), config.read_text(encoding="utf-8")
 
 
-def _project(ls, title: str, config: str, tasks: list[dict], storage: tuple[str, dict]) -> int:
-    project = ls.api("POST", "/api/projects", json={"title": title, "label_config": config})
-    kind, fields = storage
-    ls.api("POST", f"/api/storages/{kind}", json={"project": project["id"], **fields})
-    done = ls.api("POST", f"/api/projects/{project['id']}/import", json=tasks)
-    assert done["task_count"] == len(tasks)
-    assert done["prediction_count"] == sum(len(t["predictions"]) for t in tasks)
-    return project["id"]
-
-
-def _tasks_of(ls, project: int) -> list[dict]:
-    """Every task of the project with its predictions, as Label Studio stores them."""
-    found = ls.api("GET", "/api/tasks", params={"project": project, "page_size": 1000,
-                                                "fields": "all"})  # fmt: skip
-    tasks = found["tasks"] if isinstance(found, dict) else found
-    for task in tasks:
-        task["predictions"] = ls.api("GET", "/api/predictions", params={"task": task["id"]})
-    return tasks
-
-
 @pytest.mark.parametrize("fmt", ["rle", "polygon"])
 def test_tasks_predictions_and_images_in_label_studio(label_studio, local_output, tmp_path, fmt):
     ls, syn = label_studio, local_output
@@ -65,8 +46,8 @@ def test_tasks_predictions_and_images_in_label_studio(label_studio, local_output
                                str(ls.document_root))  # fmt: skip
     images_dir = str(Path(syn.ok_images[next(iter(syn.ok_images))]).parent)
     storage = ("localfiles", {"path": images_dir, "use_blob_urls": False, "title": "images"})
-    project = _project(ls, f"sam3ray {fmt}", config, exported, storage)
-    tasks = _tasks_of(ls, project)
+    project = create_project(ls, f"sam3ray {fmt}", config, exported, storage)
+    tasks = project_tasks(ls, project)
 
     # every ok still image is one task; the error row and the video are not
     assert sorted(t["data"]["sam3ray_image_id"] for t in tasks) == sorted(syn.ok_images)
@@ -118,8 +99,8 @@ def test_s3_images_through_a_cloud_storage(label_studio, moto_s3, tmp_path, pres
                       "aws_access_key_id": opts["key"], "aws_secret_access_key": opts["secret"],
                       "region_name": "us-east-1", "s3_endpoint": moto_s3.endpoint_url,
                       "presign": presign, "use_blob_urls": True})  # fmt: skip
-    project = _project(ls, f"sam3ray s3 presign={presign}", config, exported, storage)
-    tasks = _tasks_of(ls, project)
+    project = create_project(ls, f"sam3ray s3 presign={presign}", config, exported, storage)
+    tasks = project_tasks(ls, project)
     assert len(tasks) == len(syn.ok_images)
     s3 = moto_s3.boto3_client()
     for task in tasks:
