@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Location(args.output, opts)
     out_dir = Location(args.out_dir, opts) if args.out_dir else output.child("exports")
     try:
-        stats = compute_stats(output)
+        stats = compute_stats(output, write=True)  # this script's job: stats next to the output
     except FileNotFoundError as exc:
         logger.error("%s", exc)
         return 2

@@ -3,6 +3,9 @@
 The public Python API is small and stable:
 
 - :func:`run_job` / :class:`JobConfig` (+ ``load_config``) — a whole job, as ``sam3ray run``.
+- :func:`label` — the same labelling as one operator of your own Ray Data pipeline
+  (a dataset of URIs, image bytes or arrays in, detection rows out), configured by
+  the job's sections (:class:`ModelConfig`, :class:`InferenceConfig`, :class:`ResourcesConfig`).
 - :func:`load_sam3_image_model` — the official ``sam3`` image model (a ``Sam3Image``)
   with weights from a local path, an object-store URI or the hub id ``facebook/sam3``.
 - :class:`Sam3Engine` — concept-grouped batched inference over that model, configured
@@ -19,7 +22,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sam3ray.config import InferenceConfig, JobConfig, ModelConfig, load_config
+from sam3ray.config import (
+    InferenceConfig,
+    JobConfig,
+    ModelConfig,
+    ResourcesConfig,
+    load_config,
+)
 from sam3ray.core.types import Concept, ConceptSet, Detection, Exemplar
 
 __version__ = "0.1.0"
@@ -32,7 +41,9 @@ __all__ = [
     "InferenceConfig",
     "JobConfig",
     "ModelConfig",
+    "ResourcesConfig",
     "Sam3Engine",
+    "label",
     "load_config",
     "load_sam3_image_model",
     "make_tiny_checkpoint",
@@ -43,11 +54,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from sam3ray.model.engine import Sam3Engine
     from sam3ray.model.tiny import make_tiny_checkpoint
     from sam3ray.runner.job import run_job
+    from sam3ray.runner.operator import label
 
 _LAZY = {
     "Sam3Engine": "sam3ray.model.engine",
     "make_tiny_checkpoint": "sam3ray.model.tiny",
     "run_job": "sam3ray.runner.job",
+    "label": "sam3ray.runner.operator",
 }
 
 

@@ -12,7 +12,9 @@ Choices:
   true negatives for evaluation), plus one image per video frame that has
   detections, carrying ``video_id`` and ``frame_index`` (a top-level ``videos``
   list names the videos). Image ids are 1..N by (image_id, frame_index).
-- Segmentations stay compressed COCO RLE (``counts`` as str), bbox is the
+- Segmentations stay compressed COCO RLE (``counts`` as str) at the image's size
+  (a mask stored on a grid capped by ``inference.max_imgsz`` is scaled up to its
+  image by nearest pixel, in a DuckDB UDF: COCO ties masks to images), bbox is the
   model's box as xywh, ``area`` the mask area, ``iscrowd`` 0. Annotation ids
   run 1..M by category, image, then score (descending).
 - ``results_path`` also writes the list form ``COCO.loadRes`` takes
@@ -66,6 +68,7 @@ FROM both_kinds
 _ANNOTATIONS_SQL = """
 WITH rows AS (
     SELECT i.id AS image, round(d.score::DOUBLE, 6) AS score, d.mask_rle, d.mask_size AS ms,
+           i.height AS h, i.width AS w,
            d.track_id, [round(d.box[k]::DOUBLE, 3) for k in [1, 2, 3, 4]] AS b,
            d.area::DOUBLE AS area
     FROM det AS d JOIN coco_images AS i
@@ -75,7 +78,10 @@ parts AS (
     SELECT image, score, track_id,
            CASE WHEN mask_rle IS NULL
                 THEN to_json([[b[1], b[2], b[3], b[2], b[3], b[4], b[1], b[4]]])
-                ELSE json_object('size', [ms[1], ms[2]], 'counts', decode(mask_rle)) END AS seg,
+                WHEN ms[1] = h AND ms[2] = w
+                THEN json_object('size', [h, w], 'counts', decode(mask_rle))
+                ELSE json_object('size', [h, w], 'counts', sam3ray_rle_at(mask_rle, ms, h, w))
+           END AS seg,
            [b[1], b[2], round(b[3] - b[1], 3), round(b[4] - b[2], 3)] AS bbox,
            coalesce(area, (b[3] - b[1]) * (b[4] - b[2])) AS area
     FROM rows)
@@ -97,6 +103,24 @@ class CocoExport:
     annotations: int
     categories: int
     results_path: str | None = None
+
+
+def _register_rle_at(con: Any) -> None:
+    """``sam3ray_rle_at(mask_rle, mask_size, h, w)``: the counts at the image's size."""
+    import duckdb
+    from duckdb import sqltypes as t
+
+    from sam3ray.core.masks import rle_at
+
+    def at(counts: bytes, size: list[int], h: int, w: int) -> str:
+        return rle_at(counts, size, (h, w)).decode("ascii")
+
+    con.create_function(
+        "sam3ray_rle_at",
+        at,
+        [t.BLOB, duckdb.list_type(t.INTEGER), t.INTEGER, t.INTEGER],
+        t.VARCHAR,
+    )
 
 
 def _basename(uri: str) -> str:
@@ -138,6 +162,7 @@ def export_coco(
     cats = select_categories(categories(output), concepts)
     by_class = {c.class_id: c.id for c in cats}
     con = connect(output)
+    _register_rle_at(con)
     n_images = n_ann = 0
     try:
         con.execute(_IMAGES_SQL)

@@ -15,10 +15,25 @@ for a single value, flag 1 for a run, using the smallest width that fits (runs
 over 256 always use 16 bits, split into pieces of 65536); zero bits pad to the
 next byte, a whole zero byte if already aligned.
 
-Polygons (``fmt="polygon"``) are the outer contours of the mask in percent of
-the image size; holes cannot be expressed as Label Studio polygons and are
-dropped. Video detections are left out: Label Studio's video tasks are another
-format.
+Polygons (``fmt="polygon"``): one labelled region per detection, its largest
+part; further parts of a multi-part mask are regions of the same label and
+score whose ``parentID`` is that region (Label Studio's region tree groups
+them; the counts below count a detection once). Only outer contours are
+simplified (Douglas-Peucker, ``tolerance`` 1 px, doubled per part until it has
+at most ``max_points`` vertices); Label Studio polygons have no holes, so
+holes are filled and, like parts under ``min_part_px`` or beyond ``max_parts``,
+reported in pixels (:class:`PolygonLoss`), never silently. Everything runs in
+C per mask (``core.masks.outline_mask``), so export time is linear in
+detections and close to the brush export's.
+
+Image URLs as Label Studio can load them: object-store URIs stay ``s3://`` /
+``gs://`` (a cloud storage connection of the project resolves them), or become
+presigned HTTPS URLs (``presign`` seconds); local files become
+``/data/local-files/?d=<path under the document root>`` (``local_files_root``:
+Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``, with ``LOCAL_FILES_SERVING_ENABLED``
+and a Local Files storage of the project on ``storage_path`` or above). A bare
+local path loads nowhere; the export says so. Video detections are left out:
+Label Studio's video tasks are another format.
 """
 
 from __future__ import annotations
@@ -26,10 +41,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -42,7 +59,8 @@ from sam3ray.analytics import (
     sql_list,
     stream,
 )
-from sam3ray.core.masks import decode_rle, mask_to_polygons
+from sam3ray.core.masks import decode_rle, mask_at, mask_to_polygons, outline_mask
+from sam3ray.core.uri import is_object_store, local_path
 from sam3ray.storage.location import Location
 
 logger = logging.getLogger(__name__)
@@ -165,33 +183,138 @@ def labeling_config(
             f"  </{tag}>\n</View>\n")  # fmt: skip
 
 
-def _results(row: dict[str, Any], name: str, fmt: str, names: tuple[str, str]) -> list[dict]:
-    """The result item(s) of one detection: one brush, or one polygon per outer contour."""
+@dataclass(frozen=True)
+class PolygonOptions:
+    """How masks become polygons (``fmt="polygon"``); the defaults are documented in
+    the README: 1 px tolerance, at most 256 vertices per region, parts of fewer
+    than 16 pixels and beyond the 16 largest of a detection left out."""
+
+    tolerance: float = 1.0
+    max_points: int = 256
+    min_part_px: int = 16
+    max_parts: int = 16
+
+
+@dataclass
+class PolygonLoss:
+    """What polygons could not carry, summed over an export (pixels of the masks)."""
+
+    mask_px: int = 0
+    holes: int = 0
+    hole_px: int = 0  # pixels outside the masks that filled holes cover
+    dropped_parts: int = 0
+    dropped_px: int = 0  # mask pixels of parts left out
+    max_tolerance: float = 0.0
+    multi_part: int = 0  # detections drawn as more than one region
+
+    def add(self, outline: Any) -> None:
+        self.mask_px += outline.area
+        self.holes += outline.holes
+        self.hole_px += outline.hole_px
+        self.dropped_parts += outline.dropped_parts
+        self.dropped_px += outline.dropped_px
+        self.max_tolerance = max(self.max_tolerance, outline.tolerance)
+        self.multi_part += len(outline.parts) > 1
+
+    def describe(self) -> str:
+        """One line for people: the loss as shares of the masks' pixels."""
+        share = 100 / max(1, self.mask_px)
+        return (f"holes filled: {self.holes} (+{self.hole_px} px, {self.hole_px * share:.2f}% of "
+                f"mask pixels); parts left out: {self.dropped_parts} ({self.dropped_px} px, "
+                f"{self.dropped_px * share:.2f}%); multi-part detections: {self.multi_part}; "
+                f"tolerance used <= {self.max_tolerance:g} px")  # fmt: skip
+
+
+def _region_id(row: dict[str, Any]) -> str:
+    key = f"{row['image_id']}/{row['class_id']}/{row['score']}/{row['mask_rle'][:32]!r}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _results(
+    row: dict[str, Any],
+    name: str,
+    fmt: str,
+    names: tuple[str, str],
+    polygons: PolygonOptions,
+    loss: PolygonLoss,
+) -> list[dict]:
+    """The result item(s) of one detection: one brush, or one polygon per kept part
+    (the first the detection's region, the others its children via ``parentID``)."""
     if row["mask_rle"] is None:  # the engine always writes masks; nothing to draw without one
         return []
-    mask = decode_rle(row["mask_rle"], row["mask_size"])
-    key = f"{row['image_id']}/{row['class_id']}/{row['score']}/{row['mask_rle'][:32]!r}"
-    rid = hashlib.sha1(key.encode()).hexdigest()[:10]
+    # Label Studio ties a mask to the image's pixels: a capped mask grid is scaled up.
+    mask = mask_at(decode_rle(row["mask_rle"], row["mask_size"]), (row["height"], row["width"]))
+    rid = _region_id(row)
     base = {"from_name": names[0], "to_name": names[1], "original_width": row["width"],
             "original_height": row["height"], "image_rotation": 0,
             "score": round(float(row["score"]), 6)}  # fmt: skip
     if fmt == "rle":
         value = {"format": "rle", "rle": encode_brush_rle(mask), "brushlabels": [name]}
         return [{"id": rid, "type": "brushlabels", **base, "value": value}]
-    return [
-        {"id": f"{rid}-{k}", "type": "polygonlabels", **base,
-         "value": {"points": points, "closed": True, "polygonlabels": [name]}}
-        for k, points in enumerate(mask_to_percent_polygons(mask))
-    ]  # fmt: skip
+    outline = outline_mask(
+        mask,
+        tolerance=polygons.tolerance,
+        max_points=polygons.max_points,
+        min_part_px=polygons.min_part_px,
+        max_parts=polygons.max_parts,
+    )
+    loss.add(outline)
+    h, w = mask.shape
+    scale = np.array([100 / w, 100 / h])
+    out = []
+    for k, part in enumerate(outline.parts):
+        points = np.round(np.clip(part * scale, 0, 100), 4).tolist()
+        item = {"id": rid if k == 0 else f"{rid}-{k}", "type": "polygonlabels", **base,
+                "value": {"points": points, "closed": True, "polygonlabels": [name]}}  # fmt: skip
+        if k:
+            item["parentID"] = rid
+        out.append(item)
+    return out
+
+
+def image_url(
+    uri: str,
+    source: Location,
+    *,
+    local_files_root: str | None = None,
+    presign: int | None = None,
+) -> str:
+    """``uri`` as a URL Label Studio loads (module doc); ValueError for a local file
+    outside ``local_files_root`` (Label Studio refuses to serve it)."""
+    if is_object_store(uri):
+        if not presign:
+            return uri
+        loc = source.with_uri(uri)
+        return loc.fs.sign(loc.path, expiration=int(presign))
+    if local_files_root is None:
+        return uri
+    root = os.path.abspath(local_path(local_files_root))
+    path = os.path.abspath(local_path(uri))
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise ValueError(f"{path} is not under the local files root {root}")
+    return "/data/local-files/?d=" + quote(rel.replace(os.sep, "/"))
 
 
 @dataclass(frozen=True)
 class LabelStudioExport:
-    """What was written: the file, its tasks and their result items."""
+    """What was written: the file, its tasks, predictions, detections and result items.
+
+    ``results`` counts result items (regions): one per detection for brushes, one per
+    kept part for polygons. ``storage_path`` is the folder a Local Files storage of the
+    project must cover (local images with ``local_files_root``); ``bare_local``
+    counts local images exported as plain paths, which Label Studio cannot load.
+    """
 
     path: str
     tasks: int
     results: int
+    predictions: int = 0
+    detections: int = 0
+    loss: PolygonLoss | None = None
+    storage_path: str | None = None
+    bare_local: int = 0
+    buckets: tuple[str, ...] = field(default_factory=tuple)
 
 
 def export_labelstudio(
@@ -203,16 +326,27 @@ def export_labelstudio(
     min_score: float | None = None,
     from_name: str = "label",
     to_name: str = "image",
+    local_files_root: str | None = None,
+    presign: int | None = None,
+    polygons: PolygonOptions | None = None,
 ) -> LabelStudioExport:
     """Write one task per ok still image (images without detections too, with no
-    predictions) as a JSON list; ``fmt`` is ``rle`` (brush) or ``polygon``."""
+    predictions) as a JSON list; ``fmt`` is ``rle`` (brush) or ``polygon``. Image URLs
+    follow ``local_files_root`` / ``presign`` (module doc). Reads the output only."""
     if fmt not in ("rle", "polygon"):
         raise ValueError(f"format {fmt!r}: expected 'rle' or 'polygon'")
+    if presign is not None and presign <= 0:
+        raise ValueError(f"presign must be a positive number of seconds, got {presign}")
+    polygons = polygons or PolygonOptions()
+    loss = PolygonLoss()
     cats = select_categories(categories(output), concepts)
     names = {c.class_id: c.name for c in cats}
     floor = float(min_score) if min_score is not None else float("-inf")
+    urls = {"local_files_root": local_files_root, "presign": presign}
     con = connect(output)
-    n_tasks = n_results = 0
+    n = {"tasks": 0, "results": 0, "predictions": 0, "detections": 0, "bare": 0}
+    local_dirs: set[str] = set()
+    buckets: set[str] = set()
     try:
         (video,) = con.execute("SELECT count(*) FROM det WHERE frame_index IS NOT NULL").fetchall()
         if video[0]:
@@ -225,31 +359,49 @@ def export_labelstudio(
             task: dict[str, Any] | None = None
             for row in stream(con, sql, [floor]):
                 if task is None or task["data"]["sam3ray_image_id"] != row["image_id"]:
-                    n_results += _flush(f, task, n_tasks)
-                    n_tasks += task is not None
-                    task = {"data": {"image": row["uri"], "sam3ray_image_id": row["image_id"]},
+                    _flush(f, task, n)
+                    uri = row["uri"]
+                    if is_object_store(uri):
+                        buckets.add(uri.split("/", 3)[2])
+                    elif local_files_root is None:
+                        n["bare"] += 1
+                    else:
+                        local_dirs.add(os.path.dirname(os.path.abspath(local_path(uri))))
+                    task = {"data": {"image": image_url(uri, output, **urls),
+                                     "sam3ray_image_id": row["image_id"], "sam3ray_uri": uri},
                             "predictions": [], "_model": None, "_results": []}  # fmt: skip
                 if row["class_id"] is not None:
                     task["_model"] = task["_model"] or row["model"]
                     name = names[row["class_id"]]
-                    task["_results"] += _results(row, name, fmt, (from_name, to_name))
-            n_results += _flush(f, task, n_tasks)
-            n_tasks += task is not None
+                    task["_results"] += _results(
+                        row, name, fmt, (from_name, to_name), polygons, loss
+                    )
+                    n["detections"] += 1
+            _flush(f, task, n)
             f.write("\n]\n")
     finally:
         con.close()
-    logger.info("Label Studio: %d tasks, %d results -> %s", n_tasks, n_results, out.uri)
-    return LabelStudioExport(out.uri, n_tasks, n_results)
+    storage = os.path.commonpath(sorted(local_dirs)) if local_dirs else None
+    if n["bare"]:
+        logger.warning("%d images are local paths Label Studio cannot load: export with a "
+                       "local files root (LOCAL_FILES_DOCUMENT_ROOT)", n["bare"])  # fmt: skip
+    logger.info("Label Studio: %d tasks, %d predictions, %d detections, %d results -> %s",
+                n["tasks"], n["predictions"], n["detections"], n["results"], out.uri)  # fmt: skip
+    return LabelStudioExport(out.uri, n["tasks"], n["results"], n["predictions"],
+                             n["detections"], loss if fmt == "polygon" else None, storage,
+                             n["bare"], tuple(sorted(buckets)))  # fmt: skip
 
 
-def _flush(f: Any, task: dict[str, Any] | None, index: int) -> int:
+def _flush(f: Any, task: dict[str, Any] | None, n: dict[str, int]) -> None:
     if task is None:
-        return 0
+        return
     results = task.pop("_results")
     model = task.pop("_model")
     if results:
-        score = float(np.mean([r["score"] for r in results]))
+        score = float(np.mean([r["score"] for r in results if "parentID" not in r]))
         task["predictions"] = [{"model_version": model or "sam3ray", "score": round(score, 6),
                                 "result": results}]  # fmt: skip
-    f.write(("\n" if index == 0 else ",\n") + json.dumps(task, separators=(",", ":")))
-    return len(results)
+        n["predictions"] += 1
+    f.write(("\n" if n["tasks"] == 0 else ",\n") + json.dumps(task, separators=(",", ":")))
+    n["tasks"] += 1
+    n["results"] += len(results)

@@ -111,9 +111,8 @@ def render_thumbnail(
         base.paste(Image.new("RGB", (tw, th), color), (0, 0), alpha)
     for k, det in enumerate(detections):  # boxes and labels above every mask
         color = PALETTE[k % len(PALETTE)]
-        mh, mw = det["mask_size"] or (full_h, full_w)
-        x0, y0, x1, y1 = (float(v) for v in det["box"])
-        box = [x0 * tw / mw, y0 * th / mh, x1 * tw / mw, y1 * th / mh]
+        x0, y0, x1, y1 = (float(v) for v in det["box"])  # in the image's pixels
+        box = [x0 * tw / full_w, y0 * th / full_h, x1 * tw / full_w, y1 * th / full_h]
         draw.rectangle(box, outline=color, width=2)
         label = f"{name} {det['score']:.2f}"
         tx, ty = box[0], max(0.0, box[1] - 15)

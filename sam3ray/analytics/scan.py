@@ -256,10 +256,16 @@ def open_output(dest: Location) -> Iterator[IO[str]]:
                 os.remove(tmp)
             raise
         return
-    with fs.open(path, "w", encoding="utf-8") as f:
-        yield f
+    try:
+        with fs.open(path, "w", encoding="utf-8") as f:
+            yield f
+    except PermissionError as exc:  # read-only credentials: say which file was refused
+        raise PermissionError(f"cannot write {dest.uri}: {exc}") from exc
 
 
 def write_file(dest: Location, data: bytes) -> None:
     """Write one small result file atomically (stats tables, thumbnails, index.html)."""
-    dest.write_bytes(data)
+    try:
+        dest.write_bytes(data)
+    except PermissionError as exc:  # read-only credentials: say which file was refused
+        raise PermissionError(f"cannot write {dest.uri}: {exc}") from exc

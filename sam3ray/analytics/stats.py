@@ -5,9 +5,9 @@ concept, exact score percentiles) need hash tables and sorts over every
 detection; DuckDB computes them from a stream of the three columns involved,
 one concept at a time, so the driver never holds the dataset (measured in
 ``tests/unit/analytics/test_stats.py`` on a million rows). The
-result is small and is written next to the output as ``stats/concepts.parquet``
-and ``stats/runs.parquet`` (dashboards and later jobs read those, not the CLI's
-table).
+result is small and, when asked (``--save``), is written next to the output as
+``stats/concepts.parquet`` and ``stats/runs.parquet`` (dashboards and later jobs
+read those, not the CLI's table).
 """
 
 from __future__ import annotations
@@ -169,9 +169,12 @@ def compute_stats(
     output: Location,
     *,
     approx: bool = False,
-    write: bool = True,
+    write: bool = False,
 ) -> Stats:
     """Both tables; with ``write``, also ``<output>/stats/{concepts,runs}.parquet``.
+
+    Nothing is written unless asked: the read-side tools must work with read-only
+    credentials on the lake (``sam3ray stats --save`` asks).
 
     DuckDB runs on one thread here: its input is one sequential stream, and a
     second thread mostly adds buffers (about +60% driver memory for no speed-up).

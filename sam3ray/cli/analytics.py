@@ -50,11 +50,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from sam3ray.analytics.stats import compute_stats, format_table
 
     (output,) = locations(args)
-    stats = compute_stats(output, approx=args.approx)
+    stats = compute_stats(output, approx=args.approx, write=args.save)
     print(format_table(stats.concepts, [c for c in stats.concepts.column_names if c != "class_id"]))
     print()
     print(format_table(stats.runs))
-    print(f"\nwritten: {stats.concepts_uri}\n         {stats.runs_uri}")
+    if args.save:
+        print(f"\nwritten: {stats.concepts_uri}\n         {stats.runs_uri}")
     return 0
 
 
@@ -73,13 +74,36 @@ def cmd_coco(args: argparse.Namespace) -> int:
 
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     from sam3ray.analytics import categories, select_categories
-    from sam3ray.analytics.labelstudio import export_labelstudio, labeling_config
+    from sam3ray.analytics.labelstudio import (
+        PolygonOptions,
+        export_labelstudio,
+        labeling_config,
+    )
 
     output, out = locations(args, args.out)
+    knobs = ("tolerance", "max_points", "min_part_px", "max_parts")
+    polygons = PolygonOptions(**{k: getattr(args, k) for k in knobs if hasattr(args, k)})
     done = export_labelstudio(output, out, fmt=args.format,
                               concepts=args.concepts, min_score=args.min_score,
-                              from_name=args.from_name, to_name=args.to_name)  # fmt: skip
-    print(f"Label Studio: {done.tasks} tasks, {done.results} results -> {done.path}")
+                              from_name=args.from_name, to_name=args.to_name,
+                              local_files_root=args.local_files_root, presign=args.presign,
+                              polygons=polygons)  # fmt: skip
+    print(f"Label Studio: {done.tasks} tasks, {done.predictions} predictions, "
+          f"{done.detections} detections as {done.results} regions -> {done.path}")  # fmt: skip
+    if done.loss is not None:
+        print(f"polygons: {done.loss.describe()}")
+    if done.storage_path:
+        print(f"images: add a Local Files storage on {done.storage_path} to the project "
+              "(Label Studio started with LOCAL_FILES_SERVING_ENABLED=true and "
+              f"LOCAL_FILES_DOCUMENT_ROOT={args.local_files_root})")  # fmt: skip
+    if done.buckets and not args.presign:
+        print(
+            f"images: add a cloud storage of bucket(s) {', '.join(done.buckets)} to the "
+            "project (it resolves the s3:// / gs:// URLs), or export with --presign"
+        )
+    if done.bare_local:
+        print(f"warning: {done.bare_local} images are local paths Label Studio cannot load; "
+              "export with --local-files-root DIR", file=sys.stderr)  # fmt: skip
     if args.labeling_config:
         cats = select_categories(categories(output), args.concepts)
         xml = labeling_config(cats, args.format, args.from_name, args.to_name)
@@ -101,7 +125,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _guard(func: Any) -> Any:
-    """Turn the errors a user can fix (unknown concept, missing output) into exit code 2."""
+    """Turn the errors a user can fix (unknown concept, missing output, a write the
+    credentials do not allow) into exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -109,15 +134,23 @@ def _guard(func: Any) -> Any:
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exit_codes.BAD_CONFIG
+        except PermissionError as exc:  # e.g. --save or --out on a read-only lake
+            print(f"error: not allowed to write (read-only credentials?): {exc}", file=sys.stderr)
+            return exit_codes.BAD_CONFIG
 
     return run
 
 
 def register(subparsers: Any) -> None:
     """Add ``stats``, ``export {coco,labelstudio}`` and ``preview`` to the ``sam3ray`` CLI."""
-    stats = subparsers.add_parser("stats", help="per-concept and per-run statistics (+ Parquet)")
+    stats = subparsers.add_parser("stats", help="per-concept and per-run statistics")
     _add_common(stats)
     stats.add_argument("--approx", action="store_true", help="t-digest percentiles (huge outputs)")
+    stats.add_argument(
+        "--save",
+        action="store_true",
+        help="also write <output>/stats/{concepts,runs}.parquet (without it nothing is written)",
+    )
     stats.set_defaults(func=_guard(cmd_stats))
 
     export = subparsers.add_parser("export", help="export the labels (COCO, Label Studio)")
@@ -136,6 +169,31 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--from-name", default="label", help="name of the labels tag")
     ls.add_argument("--to-name", default="image", help="name of the Image tag")
     ls.add_argument("--labeling-config", metavar="FILE", help="also write a matching XML config")
+    urls = ls.add_mutually_exclusive_group()
+    urls.add_argument(
+        "--local-files-root",
+        metavar="DIR",
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: local images become "
+        "/data/local-files/?d=<path under DIR> URLs",
+    )
+    urls.add_argument(
+        "--presign",
+        type=int,
+        metavar="SECONDS",
+        help="object-store images become presigned HTTPS URLs valid this long "
+        "(default: s3:// / gs:// URLs for a cloud storage of the project)",
+    )
+    # Polygon knobs: defaults live in PolygonOptions (not imported here: --help stays fast).
+    polygon = [("--tolerance", float, "simplification tolerance in pixels (outer contours "
+                "only; default 1)"),
+               ("--max-points", int, "most vertices per region; the tolerance doubles until "
+                "met (default 256)"),
+               ("--min-part-px", int, "leave out parts of a mask smaller than this, reported "
+                "(default 16)"),
+               ("--max-parts", int, "most regions per detection, largest parts first, the "
+                "rest reported (default 16)")]  # fmt: skip
+    for flag, kind, text in polygon:
+        ls.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"polygons: {text}")
     _add_filters(ls)
     ls.set_defaults(func=_guard(cmd_labelstudio))
 

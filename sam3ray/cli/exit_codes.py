@@ -11,6 +11,10 @@
   ``output.on_settings_change: refuse``; the output is untouched.
 - 5 ``submit``: the cluster could not be reached or refused the job.
 - 130 interrupted (Ctrl-C): committed shards are kept.
+
+``stats`` / ``export`` / ``preview`` return 0, or 2 for what the user can fix: no
+output there, an unknown concept, a write the credentials refuse. Each non-zero code
+comes with one line on stderr naming what and where; the README has the table.
 """
 
 from __future__ import annotations

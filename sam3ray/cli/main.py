@@ -80,19 +80,25 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Prepare what the demo config needs (once), then run it."""
-    from sam3ray.demo.prepare import DEMO_CONFIG, DemoError, prepare_demo
+    """Prepare the demo folder (once), run its job, and say where to look next."""
+    from sam3ray.demo.prepare import DemoError, prepare_demo
 
     try:
-        prepare_demo()
+        files = prepare_demo(args.out, n_generated=args.generated)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
-    code = run_config(DEMO_CONFIG, args.set or [])
+    code = run_config(str(files.config), args.set or [])
     if code == exit_codes.OK:
+        labels, root = files.labels, files.root
         print(
-            "\nLook at the labels: sam3ray stats out/local-demo; "
-            "sam3ray preview out/local-demo --out out/local-demo-preview"
+            f"\nEverything is in {root}. Look next:\n"
+            f"  sam3ray stats {labels}\n"
+            f"  sam3ray preview {labels} --out {root / 'preview'}   "
+            f"(then open {root / 'preview' / 'index.html'})\n"
+            f"  sam3ray export labelstudio {labels} --out {root / 'labelstudio.json'} "
+            f"--labeling-config {root / 'labelstudio.xml'} --local-files-root {root.parent}\n"
+            f"  sam3ray run {files.config}   (the same job again; edit it first)"
         )
     return code
 
@@ -112,7 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
-        "demo", help="run configs/local-demo.yaml (creates the tiny model and images)"
+        "demo",
+        help="label sample images with the tiny random-weight SAM 3, from any directory "
+        "(everything goes under ./sam3ray-demo/)",
+    )
+    demo.add_argument(
+        "--out", default="sam3ray-demo", help="the demo's folder (default: ./sam3ray-demo)"
+    )
+    demo.add_argument(
+        "--generated", type=int, default=24, help="synthetic scenes besides the 10 photos"
     )
     demo.add_argument("--set", action="append", metavar="KEY=VALUE")
     demo.set_defaults(func=cmd_demo)

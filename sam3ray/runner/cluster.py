@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from sam3ray.config.checks import where
-from sam3ray.config.schema import JobConfig
+from sam3ray.config.schema import JobConfig, ModelConfig, ResourcesConfig
 from sam3ray.core.errors import ConfigError
 from sam3ray.stages.commit import COMMIT_CPUS
 
@@ -57,11 +57,18 @@ def check_pool_fits(cfg: JobConfig, n_shards: int) -> None:
 
 def gpus_per_actor(cfg: JobConfig) -> float:
     """The actors' GPU share; CPU actors on a cluster without GPUs unless CUDA was demanded."""
-    want = cfg.resources.gpus_per_actor
+    return gpu_share(cfg.resources, cfg.model, where(cfg))
+
+
+def gpu_share(resources: ResourcesConfig, model: ModelConfig, context: str = "") -> float:
+    """``resources.gpus_per_actor`` on this Ray, from the sections alone (the job and the
+    Ray Data operator agree): 0 on a cluster without GPUs, where an actor asking for a
+    GPU share would wait forever, unless ``model.device`` demands CUDA (refused)."""
+    want = resources.gpus_per_actor
     have = ray.cluster_resources().get("GPU", 0)
     if want > 0 and have == 0:
-        if cfg.model.device == "cuda":
-            raise ConfigError(f"{where(cfg)}model.device is 'cuda' but the Ray cluster has no GPUs")
+        if model.device == "cuda":
+            raise ConfigError(f"{context}model.device is 'cuda' but the Ray cluster has no GPUs")
         logger.warning("no GPUs in the Ray cluster: running SAM 3 actors on CPU")
         return 0.0
     return want

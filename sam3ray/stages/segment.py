@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,18 +94,23 @@ class SegmentStage(ModelStage):
 
     def process(self, task: ShardTask) -> ShardResult:
         self.setup()
-        shard = task.shard
-        acc = _Shard(only=None if task.fresh else task.concepts)
         if not task.concepts:  # drops only: nothing to read, nothing to label
-            return self._result(task, acc)
-        reader = ImageReader(
-            self.source, self.decode_threads, self.decode_threads + self.images_per_batch()
-        )
+            return self._result(task, _Shard())
+        window = self.decode_threads + self.images_per_batch()
+        reader = ImageReader(self.source, self.decode_threads, window)
+        return self.label(task, reader.read(task.shard.uris, task.shard.image_ids))
+
+    def label(self, task: ShardTask, images: Iterable[DecodedImage]) -> ShardResult:
+        """Label ``images`` (decoded in the shard's order, e.g. by an
+        :class:`ImageReader`, or by the ``sam3ray.label`` operator from bytes or
+        arrays) as ``task``'s shard."""
+        self.setup()
+        acc = _Shard(only=None if task.fresh else task.concepts)
         with ThreadPoolExecutor(1, thread_name_prefix="sam3ray-host") as host:
             inflight: list[tuple[list[int], Future]] = []
             batch: list[int] = []
             pixels: dict[int, Any] = {}
-            for img in reader.read(shard.uris, shard.image_ids):
+            for img in images:
                 i = len(acc.images)
                 acc.images.append(img.without_pixels())
                 if not img.ok:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from sam3ray.analytics.labelstudio import (
     labeling_config,
     mask_to_percent_polygons,
 )
+from sam3ray.storage.location import Location
 
 # Outputs of label_studio_converter 0.0.59 ``brush.mask2rle`` / ``brush.encode_rle``, recorded
 # once from the real package (it is not a dependency): the encoder must be byte-identical.
@@ -93,13 +95,18 @@ def synthetic(tmp_path_factory):
     return build_output(str(root / "out"), {}, str(root / "images"))
 
 
-def _tasks(synthetic, tmp_path, **kwargs) -> list[dict]:
+def _export(synthetic, tmp_path, **kwargs) -> tuple[list[dict], object]:
     out = tmp_path / "tasks.json"
     done = export_labelstudio(synthetic.loc, synthetic.at(str(out)), **kwargs)
     tasks = json.loads(out.read_text(encoding="utf-8"))
     assert done.tasks == len(tasks)
+    assert done.predictions == sum(len(t["predictions"]) for t in tasks)
     assert done.results == sum(len(p["result"]) for t in tasks for p in t["predictions"])
-    return tasks
+    return tasks, done
+
+
+def _tasks(synthetic, tmp_path, **kwargs) -> list[dict]:
+    return _export(synthetic, tmp_path, **kwargs)[0]
 
 
 def _check_task(task: dict, synthetic, type_: str) -> None:
@@ -156,7 +163,8 @@ def _rasterise(polygons: list[list[list[float]]], h: int, w: int, scale: int = 4
 def test_polygon_tasks_match_the_masks(synthetic, tmp_path):
     from scipy import ndimage
 
-    tasks = _tasks(synthetic, tmp_path, fmt="polygon", concepts=["circle", "ring"], min_score=0.4)
+    tasks, done = _export(synthetic, tmp_path, fmt="polygon", concepts=["circle", "ring"],
+                          min_score=0.4)  # fmt: skip
     by_det: dict[tuple, list] = {}
     for task in tasks:
         _check_task(task, synthetic, "polygonlabels")
@@ -164,11 +172,19 @@ def test_polygon_tasks_match_the_masks(synthetic, tmp_path):
         for r in (r for p in task["predictions"] for r in p["result"]):
             assert r["value"]["closed"] is True
             assert all(0 <= c <= 100 for pt in r["value"]["points"] for c in pt)
+            assert "parentID" not in r  # circles and rings are one part each
             det = truth[(r["value"]["polygonlabels"][0], r["score"])]
             by_det.setdefault(id(det), [det]).append(r["value"]["points"])
     expected = [d for d in synthetic.detections if d["class_id"] in (CIRCLE, RING)
                 and d["frame_index"] is None and d["score"] >= 0.4]  # fmt: skip
-    assert len(by_det) == len(expected) > 3
+    assert len(by_det) == len(expected) == done.detections > 3
+    # the loss is reported, in pixels: every ring's hole was filled, nothing else was lost
+    rings = [d for d in expected if d["class_id"] == RING]
+    assert done.loss.holes == len(rings) > 0
+    hole_px = sum(int(ndimage.binary_fill_holes(d["mask"]).sum() - d["mask"].sum()) for d in rings)
+    assert done.loss.hole_px == hole_px
+    assert done.loss.mask_px == sum(int(d["mask"].sum()) for d in expected)
+    assert done.loss.dropped_parts == done.loss.dropped_px == done.loss.multi_part == 0
     for det, *polygons in by_det.values():
         h, w = det["mask"].shape
         filled = ndimage.binary_fill_holes(det["mask"])  # polygons carry no holes
@@ -202,3 +218,109 @@ def test_labeling_config_and_cli(synthetic, tmp_path, capsys):
              for r in p["result"]}  # fmt: skip
     assert kinds == {"ring"}
     assert "BrushLabels" not in cfg.read_text(encoding="utf-8")
+
+
+def _multi_part_output(tmp_path):
+    """An output with one detection of three blobs and a speck on one image."""
+    from sam3ray.core.masks import encode_rle
+    from sam3ray.output.schema import detections_table, images_table
+    from sam3ray.output.writer import ShardOutput, ShardWriter
+
+    mask = np.zeros((90, 120), bool)
+    mask[10:40, 10:50] = True  # 1200 px
+    mask[50:80, 60:110] = True  # 1500 px
+    mask[5:15, 90:100] = True  # 100 px
+    mask[85, 5] = True  # a 1-pixel speck
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(image)
+    uri, rle = str(image), encode_rle(mask)
+    det = {"run_id": "r1", "image_id": "i1", "uri": uri, "class_id": CIRCLE,
+           "concept": "circle", "query": 'text:"circle"', "score": 0.9,
+           "box": [10, 5, 110, 86], "mask_rle": rle[0], "mask_size": [90, 120], "area": rle[1],
+           "width": 120, "height": 90, "model": MODEL}  # fmt: skip
+    img = {"run_id": "r1", "image_id": "i1", "uri": uri, "shard_id": "s1", "status": "ok",
+           "n_detections": 1, "width": 120, "height": 90}  # fmt: skip
+    out = Location(str(tmp_path / "out"))
+    ShardWriter(out).write(ShardOutput("s1", "r1", detections_table([det]),
+                                       images_table([img])))  # fmt: skip
+    return out, mask
+
+
+def test_multi_part_detection_is_one_labelled_object(tmp_path):
+    """Parts beyond the first are children (``parentID``) of the detection's region, with
+    its label and score; the speck under ``min_part_px`` is left out and reported."""
+    out, mask = _multi_part_output(tmp_path)
+    done = export_labelstudio(out, Location(str(tmp_path / "t.json")), fmt="polygon")
+    (task,) = json.loads((tmp_path / "t.json").read_text())
+    (pred,) = task["predictions"]
+    first, *children = pred["result"]
+    assert "parentID" not in first and len(children) == 2
+    assert all(c["parentID"] == first["id"] for c in children)
+    assert {(c["value"]["polygonlabels"][0], c["score"]) for c in pred["result"]} == {
+        ("circle", 0.9)
+    }
+    assert pred["score"] == 0.9  # the prediction's score counts the detection once
+    assert (done.detections, done.results) == (1, 3)
+    loss = done.loss
+    assert (loss.dropped_parts, loss.dropped_px, loss.multi_part, loss.holes) == (1, 1, 1, 0)
+    drawn = _rasterise([r["value"]["points"] for r in pred["result"]], 90, 120)
+    expected = mask.copy()
+    expected[85, 5] = False
+    assert np.array_equal(drawn, expected)  # axis-aligned parts come back exactly
+
+
+def test_vertices_are_bounded_per_region(tmp_path):
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:200, :200]
+    radius = 70 + 12 * np.sin(np.arctan2(yy - 100, xx - 100) * 40)  # a 40-point star
+    mask = np.hypot(yy - 100, xx - 100) < radius + rng.normal(0, 2, (200, 200))
+    from sam3ray.core.masks import outline_mask
+
+    free = outline_mask(mask, max_points=10_000)
+    bounded = outline_mask(mask, max_points=24)
+    assert len(free.parts[0]) > 24 >= max(len(p) for p in bounded.parts)
+    assert bounded.tolerance > free.tolerance == 1.0  # the tolerance it took is reported
+
+
+def test_image_urls_for_local_files_and_presigned(synthetic, tmp_path, moto_s3):
+    from urllib.parse import parse_qs, urlsplit
+    from urllib.request import urlopen
+
+    from sam3ray.analytics.labelstudio import image_url
+
+    root = str(Path(synthetic.output).parent)
+    tasks, done = _export(synthetic, tmp_path, local_files_root=root)
+    for task in tasks:
+        url = task["data"]["image"]
+        assert url.startswith("/data/local-files/?d=")
+        rel = parse_qs(urlsplit(url).query)["d"][0]
+        assert Path(root, rel).read_bytes() == Path(task["data"]["sam3ray_uri"]).read_bytes()
+    assert done.storage_path == str(Path(root) / "images") and done.bare_local == 0
+    with pytest.raises(ValueError, match="not under the local files root"):
+        _export(synthetic, tmp_path, local_files_root=str(tmp_path / "elsewhere"))
+    _, bare = _export(synthetic, tmp_path)
+    assert bare.bare_local == len(synthetic.ok_images)  # said, not silently broken
+
+    bucket = moto_s3.new_bucket("ls-urls")
+    uri = moto_s3.put(bucket, "a/b c.png", b"\x89PNG-bytes")
+    s3 = Location(f"s3://{bucket}/out", moto_s3.storage_options)
+    assert image_url(uri, s3) == uri  # for a cloud storage connection of the project
+    signed = image_url(uri, s3, presign=600)
+    assert signed.startswith(moto_s3.endpoint_url) and "Signature" in signed
+    with urlopen(signed, timeout=30) as response:  # noqa: S310 - moto on 127.0.0.1
+        assert response.read() == b"\x89PNG-bytes"
+
+
+def test_polygon_flag_defaults_match_the_library():
+    """The CLI's help states the polygon defaults without importing them (fast --help)."""
+    from dataclasses import fields
+
+    from sam3ray.analytics.labelstudio import PolygonOptions
+    from sam3ray.cli.main import build_parser
+
+    parser = build_parser()
+    export = next(a for a in parser._subparsers._group_actions[0].choices["export"]._actions
+                  if a.dest == "export_format")  # fmt: skip
+    helps = {a.dest: a.help for a in export.choices["labelstudio"]._actions}
+    for f in fields(PolygonOptions):
+        assert f"default {f.default:g})" in helps[f.name], (f.name, helps[f.name])

@@ -121,7 +121,7 @@ def test_tools_on_object_storage(moto_s3, tmp_path):
     bucket = moto_s3.new_bucket("gallery")
     opts = moto_s3.storage_options
     syn = build_output(f"s3://{bucket}/out", opts, f"s3://{bucket}/images")
-    stats = compute_stats(syn.loc)
+    stats = compute_stats(syn.loc, write=True)
     rows = {r["class_id"]: r for r in stats.concepts.to_pylist()}
     assert rows[CIRCLE]["detections"] == len(syn.masks(CIRCLE))
     assert rows[UNUSED]["detections"] == 0 and rows[UNUSED]["concept"] == "unused"
@@ -146,12 +146,17 @@ def test_preview_cli(synthetic, tmp_path, capsys):
 
 
 def test_gallery_in_headless_chromium(gallery, chromium, tmp_path):
-    """Real browser: a non-blank screenshot, and every <img> loaded (naturalWidth > 0)."""
+    """Real browser: a screenshot that shows the thumbnails (found in it pixel by pixel),
+    and every <img> loaded (naturalWidth > 0)."""
+    import cv2
+
     site, _ = gallery
     url = (site / "index.html").as_uri()
-    n_images = len(_img_sources((site / "index.html").read_text(encoding="utf-8")))
+    sources = _img_sources((site / "index.html").read_text(encoding="utf-8"))
+    n_images = len(sources)
     shot = tmp_path / "shot.png"
-    base = [chromium, *CHROMIUM_FLAGS, "--virtual-time-budget=10000"]
+    base = [chromium, *CHROMIUM_FLAGS, "--virtual-time-budget=10000",
+            "--force-device-scale-factor=1"]  # fmt: skip
     run = dict(capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     done = subprocess.run([*base, f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}",
                            url], **run)  # fmt: skip
@@ -160,6 +165,17 @@ def test_gallery_in_headless_chromium(gallery, chromium, tmp_path):
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (900, 1200)
     assert pixels.var() > 100  # not a blank page
+    # The first section's thumbnails are on screen, drawn as rendered (1:1 pixels).
+    screen = cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    first = [src for src in sources if src.startswith("thumbs/")][:3]
+    for src in first:
+        with Image.open(site / src) as im:
+            thumb = np.asarray(im.convert("L"))
+        found = cv2.matchTemplate(screen, thumb, cv2.TM_CCOEFF_NORMED).max()
+        assert found > 0.9, (src, found)
+        noise = np.random.default_rng(0).integers(0, 256, thumb.shape, dtype=np.uint8)
+        assert cv2.matchTemplate(screen, noise, cv2.TM_CCOEFF_NORMED).max() < 0.5  # a control
+    assert len(first) == 3
     done = subprocess.run([*base, f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", url], **run)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', done.stdout)

@@ -9,6 +9,7 @@ marked slow.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -35,7 +36,7 @@ REASONS = np.array(["not_an_image", "truncated", "not_found"])
 
 def test_small_output_stats(tmp_path, capsys):
     syn = build_output(str(tmp_path / "out"), {}, str(tmp_path / "images"))
-    stats = compute_stats(syn.loc)
+    stats = compute_stats(syn.loc, write=True)
     rows = {r["class_id"]: r for r in stats.concepts.to_pylist()}
     assert [r["category_id"] for r in stats.concepts.to_pylist()] == [1, 2, 3, 4]
     for cid in (CIRCLE, SQUARE, RING):
@@ -68,9 +69,14 @@ def test_small_output_stats(tmp_path, capsys):
 
     from sam3ray.cli import main
 
+    shutil.rmtree(tmp_path / "out" / "stats")
     assert main(["stats", syn.output]) == 0
     printed = capsys.readouterr().out
-    assert "not_an_image=1" in printed and "concepts.parquet" in printed
+    assert "not_an_image=1" in printed and "concepts.parquet" not in printed
+    assert not (tmp_path / "out" / "stats").exists()  # read-only unless asked
+    assert main(["stats", syn.output, "--save"]) == 0
+    assert "concepts.parquet" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "out" / "stats" / "concepts.parquet").equals(stats.concepts)
     assert main(["stats", str(tmp_path / "nothing-here")]) == 2
     assert not (tmp_path / "nothing-here").exists()
 

@@ -197,3 +197,10 @@ def test_entry_points(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "absent.yaml: cannot read" in done.stderr
+
+
+def test_demo_refuses_a_folder_that_is_a_file(tmp_path, capsys):
+    taken = tmp_path / "sam3ray-demo"
+    taken.write_text("not a folder")
+    assert main(["demo", "--out", str(taken)]) == exit_codes.BAD_CONFIG
+    assert f"cannot use {taken} for the demo" in capsys.readouterr().err

@@ -134,3 +134,24 @@ def test_polygons_are_outer_contours_only():
     ring[15:25, 15:25] = False
     polys = mask_to_polygons(ring)
     assert len(polys) == 1
+
+
+def test_outline_fills_holes_and_reports_them():
+    """A ring with an island in its hole: one polygon (the island lies inside it), one
+    hole, and exactly the hole's background pixels reported as covered."""
+    from sam3ray.core.masks import outline_mask
+
+    m = np.zeros((50, 50), bool)
+    m[5:45, 5:45] = True
+    m[15:35, 15:35] = False  # a 20×20 hole ...
+    m[22:28, 22:28] = True  # ... with a 6×6 island
+    out = outline_mask(m)
+    assert len(out.parts) == 1 and out.holes == 1
+    assert out.hole_px == 20 * 20 - 6 * 6 and out.dropped_px == 0 and out.area == m.sum()
+    (poly,) = mask_to_polygons(m)
+    assert rasterise([poly], 50, 50).sum() == 40 * 40  # filled, on pixel edges
+    assert outline_mask(np.zeros((4, 4), bool)).parts == []
+    line = np.zeros((10, 10), bool)
+    line[3, 2:8] = True  # too thin for a polygon: its box
+    (box,) = outline_mask(line).parts
+    assert rasterise([box.ravel().tolist()], 10, 10).tolist() == line.tolist()
