@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from sam3ray.model.engine import resolve_device
+    from sam3ray.model.device import resolve_device
 
     device = resolve_device(args.device)
     if args.full_size and not device.startswith("cuda"):

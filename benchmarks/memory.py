@@ -80,7 +80,7 @@ def weight_bytes(model: Any) -> int:
 
 
 def plans(sizes: Any, weights: int, resolution: int) -> list[dict[str, Any]]:
-    from sam3ray.model.engine import MASK_BYTES_PER_PIXEL, MASK_PIXELS_PER_STEP
+    from sam3ray.model.batches import MASK_BYTES_PER_PIXEL, MASK_PIXELS_PER_STEP
     from sam3ray.model.memory import CUDA_CONTEXT_BYTES, SAFETY, plan_batches
 
     mask_bytes = MASK_BYTES_PER_PIXEL * min(MASK_PIXELS_PER_STEP, resolution * resolution)

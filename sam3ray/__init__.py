@@ -77,7 +77,7 @@ def load_sam3_image_model(
     Raises ``sam3ray.model.loader.CheckpointError`` for a missing, unreadable
     or mismatched checkpoint.
     """
-    from sam3ray.model.engine import resolve_device
+    from sam3ray.model.device import resolve_device
     from sam3ray.model.loader import load_checkpoint_into_new_model, resolve_checkpoint
     from sam3ray.storage.location import Location
 

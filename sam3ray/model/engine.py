@@ -1,4 +1,4 @@
-"""Concept-grouped batched SAM 3 inference: the only module that drives ``sam3``.
+"""Concept-grouped batched SAM 3 inference: the module that drives ``sam3``'s image model.
 
 For a batch of B images and a concept set, the reference loop
 (``Sam3Processor``) runs the text encoder and one grounding forward per
@@ -13,12 +13,9 @@ transform ``Sam3Processor`` applies, on the model's device; boxes and masks
 come back in original pixels (masks on a grid capped by ``inference.max_imgsz``
 when that is set).
 
-Post-processing stays on the device until the end (``model.postprocess``):
-score threshold (per-concept override), one exact batched NMS over every
-(image, class) group (which merges the separate queries of a class's
-synonyms), ``max_det``, masks upsampled for the survivors only and
-run-length encoded there. One device→host copy per batch carries the counts,
-scores, boxes and indices; the host turns counts into COCO strings.
+Post-processing stays on the device until one copy to the host per batch
+(``model.batches``: threshold, NMS and ``max_det`` per (image, concept), masks
+and their run-length counts).
 
 Two phases, so a caller can overlap them: :meth:`Sam3Engine.launch` does the
 device work of a batch and returns a :class:`PendingBatch`; its ``result()``
@@ -40,6 +37,19 @@ import numpy as np
 
 from sam3ray.config.schema import InferenceConfig, ModelConfig
 from sam3ray.core.types import ConceptSet, Detection, ImageExemplars
+from sam3ray.model.batches import (
+    MASK_BYTES_PER_PIXEL,
+    MASK_PIXELS_PER_STEP,
+    BatchContext,
+    PendingBatch,
+    finish_batch,
+)
+from sam3ray.model.device import (
+    is_out_of_memory,
+    resolve_device,
+    resolve_dtype,
+    to_bfloat16_weights,
+)
 from sam3ray.model.queries import Query, build_queries, validate_images
 from sam3ray.storage.location import Location
 
@@ -51,15 +61,7 @@ logger = logging.getLogger(__name__)
 CPU_QUERIES_PER_FORWARD = 8
 #: images_per_batch "auto" where no device memory is measured (CPU).
 CPU_IMAGES_PER_BATCH = 8
-#: Mask pixels upsampled and encoded at once (~8 bytes each in flight: 128 MB).
-MASK_PIXELS_PER_STEP = 16_000_000
-#: Bytes per mask pixel in flight while encoding (float logits, bool, transposed
-#: copy, change points): the post-processing buffer a memory plan reserves.
-MASK_BYTES_PER_PIXEL = 8
 _MODEL_DEFAULTS = ModelConfig.model_fields
-#: Columns of the per-detection block of the one device→host copy.
-_IMAGE, _QUERY, _SCORE, _BOX, _AREA, _NCOUNTS = 0, 1, 2, 3, 7, 8
-_META_COLUMNS = 9
 
 
 @dataclass
@@ -74,153 +76,6 @@ class EngineStats:
     infer_s: float = 0.0  # device phase (launch)
     host_s: float = 0.0  # host phase (PendingBatch.result)
     out_of_memory: int = 0  # packs redone smaller after an out-of-memory error
-
-
-@dataclass(frozen=True)
-class BatchDetections:
-    """A batch's detections as columns, sorted by image, then score (best first).
-
-    Row builders read the columns directly; :meth:`per_image` gives
-    :class:`~sam3ray.core.types.Detection` objects for the Python API.
-    """
-
-    n_images: int
-    image: np.ndarray  # int64 [N]: index of the image in the batch
-    class_id: np.ndarray  # object [N] str
-    concept: np.ndarray  # object [N] str
-    query: np.ndarray  # object [N] str (core.types.query_label)
-    score: np.ndarray  # float32 [N]
-    box: np.ndarray  # float32 [N, 4] x0, y0, x1, y1 in original pixels
-    mask_rle: list[bytes]  # COCO compressed counts
-    mask_size: np.ndarray  # int32 [N, 2] (h, w) of the mask grid
-    area: np.ndarray  # int64 [N] mask pixels on that grid
-
-    def __len__(self) -> int:
-        return int(self.image.size)
-
-    def counts(self) -> np.ndarray:
-        """Detections per image (length ``n_images``)."""
-        return np.bincount(self.image, minlength=self.n_images)
-
-    def per_image(self) -> list[list[Detection]]:
-        out: list[list[Detection]] = [[] for _ in range(self.n_images)]
-        scores, boxes = self.score.tolist(), self.box.tolist()
-        sizes, areas = self.mask_size.tolist(), self.area.tolist()
-        for j, i in enumerate(self.image.tolist()):
-            out[i].append(
-                Detection(
-                    class_id=self.class_id[j],
-                    concept=self.concept[j],
-                    query=self.query[j],
-                    score=scores[j],
-                    box=tuple(boxes[j]),
-                    mask_rle=self.mask_rle[j],
-                    mask_size=tuple(sizes[j]),
-                    area=areas[j],
-                )
-            )
-        return out
-
-
-class PendingBatch:
-    """A batch whose device work is done (or queued); :meth:`result` finishes it on the host."""
-
-    def __init__(self, engine: Sam3Engine, buffer: Any, event: Any, n: int, meta: dict) -> None:
-        self._engine = engine
-        self._buffer = buffer
-        self._event = event
-        self._n = n
-        self._meta = meta
-
-    def result(self) -> BatchDetections:
-        """Wait for the one device→host copy and build the columns (COCO strings included)."""
-        t0 = time.perf_counter()
-        if self._event is not None:
-            self._event.synchronize()
-        data = self._buffer.numpy()
-        n, meta = self._n, self._meta
-        block = data[: n * _META_COLUMNS].reshape(n, _META_COLUMNS)
-        counts = data[n * _META_COLUMNS :]
-        from sam3ray.model.postprocess import coco_strings
-
-        image = block[:, _IMAGE].copy()
-        query = block[:, _QUERY]
-        floats = block[:, _SCORE:_AREA].astype(np.int32).view(np.float32)
-        rles = coco_strings(counts, block[:, _NCOUNTS])
-        labels, class_ids, names = meta["labels"], meta["class_ids"], meta["names"]
-        out = BatchDetections(
-            n_images=meta["n_images"],
-            image=image,
-            class_id=class_ids[query],
-            concept=names[query],
-            query=labels[query],
-            score=np.ascontiguousarray(floats[:, 0]),
-            box=np.ascontiguousarray(floats[:, 1:5]),
-            mask_rle=rles,
-            mask_size=meta["grids"][image] if n else np.zeros((0, 2), np.int32),
-            area=block[:, _AREA].copy(),
-        )
-        self._engine.stats.host_s += time.perf_counter() - t0
-        return out
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device is 'cuda' but no CUDA device is visible")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``model.dtype`` on a resolved device: auto is bfloat16 on CUDA, float32 elsewhere."""
-    if dtype == "auto":
-        return "bfloat16" if device == "cuda" else "float32"
-    return dtype
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator running out of memory (CUDA, or any device's)."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def mask_grid(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """(h, w) of the grid masks are stored at: the image's own, or its long side capped
-    at ``max_side`` (short side rounded, at least 1 pixel)."""
-    if max_side is None or max(height, width) <= max_side:
-        return height, width
-    scale = max_side / max(height, width)
-    if width >= height:
-        return max(1, round(height * scale)), max_side
-    return max_side, max(1, round(width * scale))
-
-
-def to_bfloat16_weights(model: Any) -> Any:
-    """Cast ``model``'s floating-point parameters to bfloat16 in place, normalisation
-    layers excepted; buffers (position encodings, complex RoPE tables) stay as built.
-
-    Halves the weights' memory (full SAM 3: 3.4 → 1.7 GB). Norm layers stay
-    float32: autocast computes them in float32 anyway (on CUDA it would cast
-    the bf16-rounded weights back up), and on CPU a float32 activation meets
-    a bf16 LayerNorm weight as a dtype error. They hold < 0.1% of the weights.
-    """
-    import torch
-
-    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, norms):
-                continue
-            for param in module.parameters(recurse=False):
-                if param.is_floating_point() and param.dtype != torch.bfloat16:
-                    param.data = param.data.to(torch.bfloat16)
-    return model
 
 
 class Sam3Engine:
@@ -267,7 +122,10 @@ class Sam3Engine:
                 v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
             ]
         )
-        self._class_index = {c.class_id: i for i, c in enumerate(concepts)}
+        class_index = {c.class_id: i for i, c in enumerate(concepts)}
+        self._batch_context = BatchContext(
+            concepts, class_index, self.config, self.device, self.stats
+        )
         self._pack_cap: int | None = None  # lowered after an out-of-memory error
         self._plan: Any = None
         if self.dtype == "bfloat16":
@@ -384,7 +242,7 @@ class Sam3Engine:
             self.encode_texts({q.text for q in queries})
             found = self._ground_all(backbone_out, queries)
             del backbone_out
-            pending = self._finish(found, sizes, queries)
+            pending = finish_batch(found, sizes, queries, self._batch_context)
         self.stats.images += len(images)
         self.stats.queries += len(queries)
         self.stats.infer_s += time.perf_counter() - t0
@@ -563,102 +421,6 @@ class Sam3Engine:
     def _threshold(self, class_id: str) -> float:
         c = self.concepts.by_id[class_id]
         return self.config.conf if c.min_score is None else c.min_score
-
-    def _finish(self, found: list[tuple], sizes: list[tuple[int, int]], queries: list[Query]):
-        """Threshold survivors → boxes in pixels → NMS → max_det → masks → RLE counts,
-        all on the device; then one queued copy to the host."""
-        import torch
-        import torch.nn.functional as F
-        from sam3.model.box_ops import box_cxcywh_to_xyxy
-
-        from sam3ray.model.postprocess import batched_nms, rle_counts
-
-        dev = self.device
-        if not found:  # no query at all (exemplar-only concepts without exemplars here)
-            found = [_no_candidates(dev)]
-        q, scores, boxes_cxcywh, low_masks = (
-            parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*found)
-        )
-        del found
-        q_image = torch.tensor([x.image for x in queries], dtype=torch.long).to(dev)
-        q_class = torch.tensor([self._class_index[x.class_id] for x in queries]).to(dev)
-        wh = torch.tensor([(w, h) for h, w in sizes], dtype=torch.float32).to(dev)
-        image = q_image[q]
-        size = wh[image]  # [N, 2] (w, h)
-        boxes = box_cxcywh_to_xyxy(boxes_cxcywh) * size.repeat(1, 2)
-        # Clamp first: NMS must judge the boxes the caller receives.
-        boxes[:, 0::2] = torch.minimum(boxes[:, 0::2].clamp(min=0), size[:, 0:1])
-        boxes[:, 1::2] = torch.minimum(boxes[:, 1::2].clamp(min=0), size[:, 1:2])
-        keep = torch.arange(q.numel(), device=dev)
-        # NMS and max_det act per (image, concept): a concept's labels never depend on
-        # which other concepts ran with it (a relabel of one concept equals a full run).
-        groups = image * len(self.concepts) + q_class[q]
-        if self.config.nms and q.numel() > 1:
-            keep = keep[batched_nms(boxes, scores, groups, float(self.config.iou))]
-        # Best first per group; equal scores keep candidate order (stable sorts).
-        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
-        keep = keep[torch.argsort(groups[keep], stable=True)]
-        _, per_group = torch.unique_consecutive(groups[keep], return_counts=True)
-        first = torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
-        keep = keep[torch.arange(keep.numel(), device=dev) - first < self.config.max_det]
-        # Then best first per image, as the caller reads them.
-        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
-        keep = keep[torch.argsort(image[keep], stable=True)]
-        n_per_image = torch.bincount(image[keep], minlength=len(sizes)).tolist()
-        grids = [mask_grid(h, w, self.config.max_imgsz) for h, w in sizes]
-        counts, n_counts, areas = [], [], []
-        start = 0
-        for i, n in enumerate(n_per_image):
-            if n == 0:
-                continue
-            gh, gw = grids[i]
-            step = max(1, MASK_PIXELS_PER_STEP // (gh * gw))
-            for s in range(start, start + n, step):
-                low = low_masks[keep[s : min(s + step, start + n)]].float()
-                up = F.interpolate(low[:, None], (gh, gw), mode="bilinear", align_corners=False)
-                # logit > 0  <=>  sigmoid > 0.5 (Sam3Processor's test), without the sigmoid
-                c, k, a = rle_counts(up[:, 0] > 0)
-                del up
-                counts.append(c)
-                n_counts.append(k)
-                areas.append(a)
-            start += n
-        n = int(keep.numel())
-        meta_block = torch.zeros((n, _META_COLUMNS), dtype=torch.int64, device=dev)
-        if n:
-            meta_block[:, _IMAGE] = image[keep]
-            meta_block[:, _QUERY] = q[keep]
-            floats = torch.cat([scores[keep, None], boxes[keep]], dim=1).float()
-            meta_block[:, _SCORE:_AREA] = floats.contiguous().view(torch.int32).long()
-            meta_block[:, _AREA] = torch.cat(areas)
-            meta_block[:, _NCOUNTS] = torch.cat(n_counts)
-        buffer = torch.cat([meta_block.flatten(), *counts])
-        event = None
-        if buffer.device.type == "cuda":
-            buffer = buffer.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        meta = {
-            "n_images": len(sizes),
-            "grids": np.array(grids, dtype=np.int32).reshape(-1, 2),
-            "labels": np.array([x.label for x in queries] or [""], dtype=object),
-            "class_ids": np.array([x.class_id for x in queries] or [""], dtype=object),
-            "names": np.array(
-                [self.concepts.by_id[x.class_id].name for x in queries] or [""], dtype=object
-            ),
-        }
-        return PendingBatch(self, buffer, event, n, meta)
-
-
-def _no_candidates(device: str) -> tuple:
-    import torch
-
-    return (
-        torch.zeros(0, dtype=torch.long, device=device),
-        torch.zeros(0, device=device),
-        torch.zeros((0, 4), device=device),
-        torch.zeros((0, 1, 1), device=device),
-    )
 
 
 def _prompt(queries: list[Query], device: str):

@@ -191,7 +191,7 @@ class VideoTracker:
         feature_cache_mib: int = VideoConfig.model_fields["feature_cache_mib"].default,
     ) -> None:
         from sam3ray.model import video_compat
-        from sam3ray.model.engine import resolve_device, resolve_dtype
+        from sam3ray.model.device import resolve_device, resolve_dtype
 
         video_compat.ensure()
         self.device = resolve_device(device)

@@ -147,7 +147,7 @@ class SegmentStage(ModelStage):
 
     def _device_phase(self, acc: _Shard, idx: list[int], pixels: dict) -> list[tuple]:
         """[(indices, PendingBatch, ms per image)] for ``idx``; failures recorded in ``acc``."""
-        from sam3ray.model.engine import is_out_of_memory
+        from sam3ray.model.device import is_out_of_memory
 
         t0 = time.perf_counter()
         try:

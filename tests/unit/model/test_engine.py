@@ -21,7 +21,7 @@ from PIL import Image
 
 from sam3ray import Concept, ConceptSet, Exemplar, InferenceConfig, Sam3Engine
 from sam3ray.core.masks import decode_rle, rle_iou
-from sam3ray.model.engine import mask_grid
+from sam3ray.model.batches import mask_grid
 from tests.support.images import scene
 
 RESOLUTION = 336  # Sam3Arch.tiny()
@@ -346,13 +346,13 @@ def test_kept_mask_logits_do_not_pin_whole_packs(tiny_model, monkeypatch):
     import sam3ray.model.engine as engine_mod
 
     held: list[torch.Tensor] = []
-    finish = engine_mod.Sam3Engine._finish
+    finish = engine_mod.finish_batch
 
-    def spy(self, found, sizes, queries):
+    def spy(found, sizes, queries, ctx):
         held.extend(f[3] for f in found)
-        return finish(self, found, sizes, queries)
+        return finish(found, sizes, queries, ctx)
 
-    monkeypatch.setattr(engine_mod.Sam3Engine, "_finish", spy)
+    monkeypatch.setattr(engine_mod, "finish_batch", spy)
     images = [scene(1, (100, 120)), scene(2, (120, 100))]
     engine = Sam3Engine(
         tiny_model, KNOB_CONCEPTS, InferenceConfig(conf=0.8, queries_per_forward=2), device="cpu"
