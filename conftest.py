@@ -29,6 +29,26 @@ def tiny_model(tiny_checkpoint):
     return load_sam3_image_model(tiny_checkpoint, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def video_ckpt(tmp_path_factory) -> str:
+    """A tiny SAM 3 video checkpoint (random weights, seed 0), built once per session."""
+    from sam3ray.model.tiny_video import make_tiny_video_checkpoint
+
+    return str(make_tiny_video_checkpoint(tmp_path_factory.mktemp("vckpt") / "v.pt", seed=0))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a test module (``pytestmark = usefixtures``): on two
+    shared cores more threads oversubscribe and stall."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def meta_device():
     """A context that builds modules on the meta device (no memory, no time), also

@@ -40,6 +40,16 @@ CONCEPTS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 12)]
 
 
 def _peak_mb() -> float:
+    """This process's own peak RSS. Not ``ru_maxrss``: Linux carries the parent's peak
+    over fork and exec into it (a child of a parent that built 10^7 URIs would report
+    the parent's 2 GB); ``VmHWM`` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -325,7 +335,7 @@ def scan(n: int, old_n: int, old_src: Path | None) -> dict:
             env = dict(os.environ, PYTHONPATH=str(old_src))
             proc = subprocess.run(
                 [sys.executable, "-c", code, "s3://state/old", json.dumps(opts)],
-                capture_output=True, text=True, env=env, timeout=3600, check=True,
+                capture_output=True, text=True, env=env, timeout=3600, check=True, cwd=old_src,
             )  # fmt: skip
             old = json.loads(proc.stdout.strip().splitlines()[-1])
             result["old_scan_markers"] = {

@@ -375,30 +375,54 @@ class Sam3Engine:
         """One pack: (query index, score, box cxcywh, mask logits) of the candidates above
         their threshold, copied out so the pack's tensors can go."""
         import torch
-        from sam3.model.data_misc import FindStage
 
         texts = sorted({q.text for q in queries})
         text_index = {t: i for i, t in enumerate(texts)}
         feats = torch.cat([self._text_cache[t][0] for t in texts], dim=1)
         masks = torch.cat([self._text_cache[t][1] for t in texts], dim=0)
         dev = self.device
+        out = self.forward_pack(
+            backbone_out,
+            torch.tensor([q.image for q in queries], dtype=torch.long).to(dev),
+            torch.tensor([text_index[q.text] for q in queries]).to(dev),
+            feats,
+            masks,
+            _prompt(queries, dev),
+        )
+        self.stats.grounding_forwards += 1
+        return self._select(out, queries, offset)
+
+    def forward_pack(
+        self,
+        backbone_out: dict,
+        img_ids: Any,
+        text_ids: Any,
+        feats: Any,
+        masks: Any,
+        prompt: Any = None,
+    ) -> dict:
+        """One grounding forward: query j looks at image ``img_ids[j]`` through text
+        ``text_ids[j]`` of ``feats``/``masks``, with row j of ``prompt`` (default: no
+        exemplars). The engine's packs and the memory planner's measurements run this."""
+        from sam3.model.data_misc import FindStage
+
         find = FindStage(
-            img_ids=torch.tensor([q.image for q in queries], dtype=torch.long).to(dev),
-            text_ids=torch.tensor([text_index[q.text] for q in queries]).to(dev),
+            img_ids=img_ids,
+            text_ids=text_ids,
             input_boxes=None,
             input_boxes_mask=None,
             input_boxes_label=None,
             input_points=None,
             input_points_mask=None,
         )
-        out = self.model.forward_grounding(
+        if prompt is None:
+            prompt = self.model._get_dummy_prompt(num_prompts=len(img_ids))
+        return self.model.forward_grounding(
             backbone_out={**backbone_out, "language_features": feats, "language_mask": masks},
             find_input=find,
             find_target=None,
-            geometric_prompt=_prompt(queries, dev),
+            geometric_prompt=prompt,
         )
-        self.stats.grounding_forwards += 1
-        return self._select(out, queries, offset)
 
     def _select(self, out: dict, queries: list[Query], offset: int) -> tuple:
         """The candidates of one pack's output above their class's threshold."""

@@ -163,8 +163,6 @@ def measure_activations(engine: Any, meter: Any = None) -> ActivationSizes:
     of the 1-query pack). The queries use the engine's first concept text;
     exemplars add little (a few boxes). Costs three small forwards.
     """
-    from sam3.model.data_misc import FindStage
-
     meter = meter or meter_for(engine.device)
     res = engine.resolution
     text = next(t for c in engine.concepts for t in (c.texts or ("visual",)))
@@ -183,21 +181,8 @@ def measure_activations(engine: Any, meter: Any = None) -> ActivationSizes:
                 del pixels
             for q in (1, 3):
                 meter.reset_peak()
-                find = FindStage(
-                    img_ids=torch.zeros(q, dtype=torch.long, device=engine.device),
-                    text_ids=torch.zeros(q, dtype=torch.long, device=engine.device),
-                    input_boxes=None,
-                    input_boxes_mask=None,
-                    input_boxes_label=None,
-                    input_points=None,
-                    input_points_mask=None,
-                )
-                result = engine.model.forward_grounding(
-                    backbone_out={**out, "language_features": feats, "language_mask": mask},
-                    find_input=find,
-                    find_target=None,
-                    geometric_prompt=engine.model._get_dummy_prompt(num_prompts=q),
-                )
+                ids = torch.zeros(q, dtype=torch.long, device=engine.device)
+                result = engine.forward_pack(out, ids, ids, feats, mask)
                 peaks[f"queries{q}"] = meter.peak
                 del result
     per_image = max(1, peaks["images2"] - peaks["images1"])

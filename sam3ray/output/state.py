@@ -166,16 +166,20 @@ def task_row(task: ShardTask) -> dict[str, Any]:
     }
 
 
-def task_from_row(row: Mapping[str, Any]) -> ShardTask:
-    shard = Shard(
+def _shard_of(row: Mapping[str, Any]) -> Shard:
+    """The shard of a plan row or a shards-table row (the same columns)."""
+    return Shard(
         shard_id=row["shard_id"],
         kind=row["kind"],
         uris=tuple(row["uris"]),
         image_ids=tuple(row["image_ids"]),
         span=span_from(row.get("span")),
     )
+
+
+def task_from_row(row: Mapping[str, Any]) -> ShardTask:
     return ShardTask(
-        shard=shard,
+        shard=_shard_of(row),
         concepts=tuple(row["concepts"]),
         prints=tuple(sorted(json.loads(row["prints"]).items())),
         drop=tuple(row.get("drop") or ()),
@@ -211,14 +215,7 @@ def index_rows(task_row: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def shard_from_row(row: Mapping[str, Any]) -> tuple[Shard, dict[str, str]]:
     """A shards-table row as (shard, current fingerprints)."""
-    shard = Shard(
-        shard_id=row["shard_id"],
-        kind=row["kind"],
-        uris=tuple(row["uris"]),
-        image_ids=tuple(row["image_ids"]),
-        span=span_from(row.get("span")),
-    )
-    return shard, json.loads(row["prints"])
+    return _shard_of(row), json.loads(row["prints"])
 
 
 def latest_shards(table: pa.Table) -> pa.Table:

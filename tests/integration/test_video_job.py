@@ -10,7 +10,6 @@ import os
 from collections import defaultdict
 
 import pyarrow.parquet as pq
-import pytest
 
 from sam3ray.config import JobConfig
 from sam3ray.core.ids import input_id
@@ -23,13 +22,6 @@ from sam3ray.storage.location import Location
 
 DISC = "0b0c7f5e-0000-4000-8000-0000000000a1"
 STITCH_IOU = 0.3  # random-weight masks of one object agree at IoU ~0.44 on overlaps
-
-
-@pytest.fixture(scope="module")
-def video_ckpt(tmp_path_factory) -> str:
-    from sam3ray.model.tiny_video import make_tiny_video_checkpoint
-
-    return str(make_tiny_video_checkpoint(tmp_path_factory.mktemp("vckpt") / "v.pt", seed=0))
 
 
 def _job(tmp_path, ckpt: str, uris: list[str]) -> JobConfig:

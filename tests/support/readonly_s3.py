@@ -14,10 +14,8 @@ not even try to write::
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections import Counter
-from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from tests.support.s3proxy import FlakyS3Proxy, _Handler
@@ -27,32 +25,6 @@ ACCESS_DENIED = (
     b"<Message>Access Denied</Message><RequestId>{rid}</RequestId></Error>"
 )
 WRITES = ("PUT", "POST", "DELETE")
-
-
-class ReadOnlyS3Proxy(FlakyS3Proxy):
-    """Forwards everything to moto except writes to ``bucket`` (see module doc)."""
-
-    def __init__(self, upstream: str, *, bucket: str) -> None:
-        super().__init__(upstream, fail_rate=0.0)
-        self.bucket = bucket
-        self.refused: Counter[str] = Counter()
-
-    def denies(self, method: str, target: str) -> bool:
-        path = urlsplit(target).path
-        mine = path == f"/{self.bucket}" or path.startswith(f"/{self.bucket}/")
-        return method in WRITES and mine
-
-    def start(self) -> ReadOnlyS3Proxy:
-        proxy = self
-
-        class Handler(_ReadOnlyHandler):
-            owner = proxy
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
 
 
 class _ReadOnlyHandler(_Handler):
@@ -74,3 +46,19 @@ class _ReadOnlyHandler(_Handler):
         self.wfile.write(payload)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _refuse_or_forward  # noqa: N815
+
+
+class ReadOnlyS3Proxy(FlakyS3Proxy):
+    """Forwards everything to moto except writes to ``bucket`` (see module doc)."""
+
+    handler_class = _ReadOnlyHandler
+
+    def __init__(self, upstream: str, *, bucket: str) -> None:
+        super().__init__(upstream, fail_rate=0.0)
+        self.bucket = bucket
+        self.refused: Counter[str] = Counter()
+
+    def denies(self, method: str, target: str) -> bool:
+        path = urlsplit(target).path
+        mine = path == f"/{self.bucket}" or path.startswith(f"/{self.bucket}/")
+        return method in WRITES and mine

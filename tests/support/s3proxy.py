@@ -47,8 +47,77 @@ SLOW_DOWN = (
 )
 
 
+class _Handler(BaseHTTPRequestHandler):
+    owner: FlakyS3Proxy
+    protocol_version = "HTTP/1.1"  # keep-alive, as clients expect from S3
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        proxy = self.owner
+        body = self._read_body()  # always consume the body: the connection stays in sync
+        method = self.command
+        if proxy.should_fail(method, self.path):
+            proxy.record(method, self.path, True)
+            payload = (
+                b"" if method == "HEAD" else SLOW_DOWN.replace(b"{rid}", uuid.uuid4().hex.encode())
+            )
+            self.send_response(503, "Slow Down")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("x-amz-request-id", uuid.uuid4().hex[:16])
+            self.end_headers()
+            if payload:
+                self.wfile.write(payload)
+            return
+        proxy.record(method, self.path, False)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers.pop("Expect", None)  # we already answered 100-continue ourselves
+        if body or method in ("PUT", "POST"):
+            headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
+        try:
+            conn.request(method, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() in _HOP_BY_HOP or k.lower() == "content-length":
+                    continue
+                self.send_header(k, v)
+            if method == "HEAD":
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
+            else:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if method != "HEAD" and data:
+                self.wfile.write(data)
+        finally:
+            conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
+
+
 class FlakyS3Proxy:
     """Threaded forwarding proxy that injects 503 SlowDown (see module doc)."""
+
+    handler_class: type = _Handler
 
     def __init__(
         self,
@@ -91,7 +160,7 @@ class FlakyS3Proxy:
     def start(self) -> FlakyS3Proxy:
         proxy = self
 
-        class Handler(_Handler):
+        class Handler(self.handler_class):
             owner = proxy
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -172,70 +241,3 @@ class FlakyS3Proxy:
                 self.injected_kinds[f"{method} {'bucket' if bucket_level else 'object'}"] += 1
             else:
                 self.forwarded[method] += 1
-
-
-class _Handler(BaseHTTPRequestHandler):
-    owner: FlakyS3Proxy
-    protocol_version = "HTTP/1.1"  # keep-alive, as clients expect from S3
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
-        pass
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _handle(self) -> None:
-        proxy = self.owner
-        body = self._read_body()  # always consume the body: the connection stays in sync
-        method = self.command
-        if proxy.should_fail(method, self.path):
-            proxy.record(method, self.path, True)
-            payload = (
-                b"" if method == "HEAD" else SLOW_DOWN.replace(b"{rid}", uuid.uuid4().hex.encode())
-            )
-            self.send_response(503, "Slow Down")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("x-amz-request-id", uuid.uuid4().hex[:16])
-            self.end_headers()
-            if payload:
-                self.wfile.write(payload)
-            return
-        proxy.record(method, self.path, False)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers.pop("Expect", None)  # we already answered 100-continue ourselves
-        if body or method in ("PUT", "POST"):
-            headers["Content-Length"] = str(len(body))
-        conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
-        try:
-            conn.request(method, self.path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            self.send_response(resp.status, resp.reason)
-            for k, v in resp.getheaders():
-                if k.lower() in _HOP_BY_HOP or k.lower() == "content-length":
-                    continue
-                self.send_header(k, v)
-            if method == "HEAD":
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
-            else:
-                self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if method != "HEAD" and data:
-                self.wfile.write(data)
-        finally:
-            conn.close()
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815

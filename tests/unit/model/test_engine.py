@@ -33,13 +33,7 @@ THING = "0b0c7f5e-0000-4000-8000-000000000004"
 RAW = InferenceConfig(conf=0.0, nms=False, max_det=100_000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box_xyxy(h: int, w: int, fx0: float, fy0: float, fx1: float, fy1: float):

@@ -19,12 +19,7 @@ CONCEPTS = ConceptSet((Concept(CAT, "cat", ("cat",)),))
 MiB = 2**20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_live_bytes_counts_new_storages_until_they_die():
@@ -47,29 +42,14 @@ def test_live_bytes_counts_new_storages_until_they_die():
 
 def pack_peak(engine, queries: int) -> int:
     """Peak bytes of one grounding pack of ``queries`` on one image, measured directly."""
-    from sam3.model.data_misc import FindStage
-
     with torch.inference_mode(), LiveBytes() as meter:
         image = torch.zeros((1, 3, engine.resolution, engine.resolution))
         out = engine.model.backbone.forward_image(image)
         engine.encode_texts({"cat"})
         feats, mask = engine.text_features("cat")
         meter.reset_peak()
-        find = FindStage(
-            img_ids=torch.zeros(queries, dtype=torch.long),
-            text_ids=torch.zeros(queries, dtype=torch.long),
-            input_boxes=None,
-            input_boxes_mask=None,
-            input_boxes_label=None,
-            input_points=None,
-            input_points_mask=None,
-        )
-        result = engine.model.forward_grounding(
-            backbone_out={**out, "language_features": feats, "language_mask": mask},
-            find_input=find,
-            find_target=None,
-            geometric_prompt=engine.model._get_dummy_prompt(num_prompts=queries),
-        )
+        ids = torch.zeros(queries, dtype=torch.long)
+        result = engine.forward_pack(out, ids, ids, feats, mask)
         masks = result["pred_masks"]
         shape = tuple(masks.shape)
         peak = meter.peak

@@ -45,20 +45,7 @@ def fresh(stage: TrackStage, shard: Shard) -> ShardTask:
     return ShardTask(shard, tuple(c.class_id for c in stage.concepts))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def video_ckpt(tmp_path_factory) -> str:
-    from sam3ray.model.tiny_video import make_tiny_video_checkpoint
-
-    return str(make_tiny_video_checkpoint(tmp_path_factory.mktemp("vckpt") / "v.pt", seed=0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
