@@ -16,8 +16,9 @@ from typing import Any
 
 from sam3ray.config.checks import validate_paths, where
 from sam3ray.config.schema import JobConfig
-from sam3ray.core.errors import SettingsChanged
+from sam3ray.core.errors import ConfigError, SettingsChanged
 from sam3ray.core.types import ConceptSet
+from sam3ray.output.layout import MARKERS_DIR, STATE_DIR
 from sam3ray.plan.buckets import PlanStats
 from sam3ray.plan.fingerprint import ConceptPrints
 from sam3ray.sources.prompts import (
@@ -65,6 +66,7 @@ class JobPlan:
 def prepare(cfg: JobConfig) -> Prepared:
     """Validate everything that can be validated without listing (no Ray)."""
     validate_paths(cfg)
+    refuse_legacy_output(cfg)
     source = cfg.input
     concepts = load_concepts(source.location(cfg.prompts.concepts))
     geometric = (
@@ -81,6 +83,22 @@ def prepare(cfg: JobConfig) -> Prepared:
         concepts=concepts,
         geometric=geometric,
         prints=ConceptPrints(cfg, concepts, geometric),
+    )
+
+
+def refuse_legacy_output(cfg: JobConfig) -> None:
+    """An output written before the consolidated state (markers, no ``_state/``) cannot
+    be resumed: planning would not see its labels and would label every input again
+    into new shards, next to the old files. Two existence checks (no listing)."""
+    if cfg.output.mode == "overwrite":
+        return
+    out = cfg.output_location
+    if out.child(STATE_DIR).exists() or not out.child(MARKERS_DIR).exists():
+        return
+    raise ConfigError(
+        f"{where(cfg)}output.uri: {cfg.output.uri} was written by an earlier sam3ray "
+        "(commit markers without _state/), whose shards this version cannot resume: label "
+        "into a new output, or set output.mode: overwrite to replace it"
     )
 
 

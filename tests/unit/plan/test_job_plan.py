@@ -111,3 +111,21 @@ def test_a_listing_past_the_local_cap_goes_to_the_cluster_engine(lake):
     with pytest.raises(TooLarge):
         plan(cfg)
     assert plan(lake.config(plan={"local_max_inputs": 20}))[0] == []
+
+
+def test_an_output_of_the_marker_era_is_refused_not_labelled_twice(tmp_path):
+    """An output written before ``_state/`` (markers only) would be planned as empty and
+    labelled again next to its old files: refused before anything starts, naming the
+    output; ``mode: overwrite`` replaces it."""
+    lake = Lake(tmp_path / "lake", n=8, shard_size=4)
+    lake.write()
+    old = lake.output / "_markers"
+    old.mkdir(parents=True)
+    (old / "s0123456789abcdef.json").write_text('{"shard_id": "s0123456789abcdef"}')
+    with pytest.raises(ConfigError, match=r"output.uri: .*earlier sam3ray") as err:
+        prepare(lake.config())
+    assert str(lake.output) in str(err.value)
+    assert prepare(lake.config(mode="overwrite")).concepts
+    (lake.output / "_state").mkdir()  # a new-layout output keeps markers too
+    (lake.output / "_state" / "x").write_text("")
+    assert prepare(lake.config()).concepts
