@@ -93,16 +93,18 @@ def _config(work: Path, manifest: Path, concepts: str, engine: str, shard_size: 
 
 
 def _fake_commits(cfg, run_id: str) -> int:
-    """A commit key for every task of the run's plan: labelling without a model."""
-    from sam3ray.output.state import commit_key, read_plan
+    """A commit key for every task of the run's plan: labelling without a model (one plan
+    file at a time, so the driver's peak stays the planner's, not this stand-in's)."""
+    from sam3ray.output.state import commit_key, plan_files, read_plan_file
 
     out = cfg.output_location
-    plan = read_plan(out, run_id)
     n = 0
-    for sid, kind in zip(plan.column("shard_id").to_pylist(), plan.column("kind").to_pylist()):
-        if kind in ("image", "video"):
-            out.child(commit_key(run_id, sid)).write_bytes(b"{}")
-            n += 1
+    for loc in plan_files(out, run_id):
+        part = read_plan_file(loc, ["shard_id", "kind"])
+        for sid, kind in zip(part.column("shard_id").to_pylist(), part.column("kind").to_pylist()):
+            if kind in ("image", "video"):
+                out.child(commit_key(run_id, sid)).write_bytes(b"{}")
+                n += 1
     return n
 
 
