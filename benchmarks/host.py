@@ -16,7 +16,7 @@ thresholded on the device (*device compute*, not host time), every full mask
 copied to the host and encoded by pycocotools, a Detection per mask, a dict per
 row, ``detections_table``.
 
-new path (``Sam3Engine._select`` / ``_finish`` / ``PendingBatch.result`` and
+new path (``Sam3Engine._select``, ``model.batches.finish_batch``, ``PendingBatch.result``,
 ``stages.rows.batch_detections_table``): candidates stay tensors, one batched
 NMS, masks upsampled, thresholded and run-length encoded on the device, one
 device→host copy, COCO strings vectorised over the batch, columns to Arrow.
@@ -202,11 +202,12 @@ def old_path(engine, out, queries, size, info, clock: Clock):
 
 def new_path(engine, out, queries, size, info, clock: Clock):
     """The engine's post-processing now, then the columnar row builder."""
+    from sam3ray.model.batches import finish_batch
     from sam3ray.stages.rows import batch_detections_table
 
     clock.lap("idle")
     found = [engine._select(out, queries, 0)]
-    pending = engine._finish(found, [size], queries)
+    pending = finish_batch(found, [size], queries, engine._batch_context)
     clock.lap("device")
     table = batch_detections_table([info], pending.result())
     clock.lap("host")

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from procmem import peak_rss_mb  # benchmarks/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from a source checkout
@@ -95,15 +96,6 @@ def job_config(work: Path, n: int, paths: list[str], checkpoint: str) -> dict[st
 # -- the driver process ------------------------------------------------------------------
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident memory of this process (since exec), from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def child(config_path: str, report_path: str) -> int:
     """Run one job as the driver and report its summary and own peak RSS."""
     import yaml
@@ -113,13 +105,13 @@ def child(config_path: str, report_path: str) -> int:
 
     t0 = time.perf_counter()
     cfg = JobConfig.model_validate(yaml.safe_load(Path(config_path).read_text()))
-    hwm_before = _vm_hwm_mb()
+    hwm_before = peak_rss_mb()
     summary = run_job(cfg)
     report = {
         "summary": summary,
         "wall_s": round(time.perf_counter() - t0, 2),
         "vm_hwm_mb_before_job": hwm_before,
-        "vm_hwm_mb": _vm_hwm_mb(),
+        "vm_hwm_mb": peak_rss_mb(),
     }
     Path(report_path).write_text(json.dumps(report, default=str), encoding="utf-8")
     return 0

@@ -79,11 +79,11 @@ def weight_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def plans(sizes: Any, weights: int, resolution: int) -> list[dict[str, Any]]:
-    from sam3ray.model.batches import MASK_BYTES_PER_PIXEL, MASK_PIXELS_PER_STEP
+def plans(sizes: Any, weights: int) -> list[dict[str, Any]]:
+    from sam3ray.model.batches import post_processing_bytes
     from sam3ray.model.memory import CUDA_CONTEXT_BYTES, SAFETY, plan_batches
 
-    mask_bytes = MASK_BYTES_PER_PIXEL * min(MASK_PIXELS_PER_STEP, resolution * resolution)
+    mask_bytes = post_processing_bytes(None)  # the default: max_imgsz null
     out = []
     for name, gib, share in SHARES:
         budget = max(0, int((gib * GiB * share - weights - CUDA_CONTEXT_BYTES) * SAFETY))
@@ -109,14 +109,38 @@ def plans(sizes: Any, weights: int, resolution: int) -> list[dict[str, Any]]:
     return out
 
 
+def replan(path: Path) -> None:
+    """Plans of ``path``'s runs recomputed from their measured sizes, written back."""
+    from sam3ray.model.memory import ActivationSizes
+
+    result = json.loads(path.read_text())
+    for run in result["runs"]:
+        sizes = ActivationSizes(**run["sizes_bytes"])
+        run["plans"] = plans(sizes, int(run["weights_mib"] * MiB))
+    result["plans_recomputed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for run in result["runs"]:
+        for plan in run["plans"]:
+            print(run["dtype"], plan)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--full-size", action="store_true", help="the released architecture")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--replan",
+        metavar="JSON",
+        help="recompute the plans of a results file from the sizes it measured (the planner "
+        "changed, the model did not: the full-size measurement takes ~20 min per dtype)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.replan:
+        replan(Path(args.replan))
+        return
     import torch
 
     from sam3ray.model.memory import LiveBytes, measure_activations
@@ -156,7 +180,7 @@ def main() -> None:
                 "sizes_bytes": sizes.to_dict(),
                 "build_s": round(build_s, 1),
                 "measure_s": round(time.perf_counter() - t0, 1),
-                "plans": plans(sizes, weights, engine.resolution),
+                "plans": plans(sizes, weights),
             }
             logger.info("%s", json.dumps({k: v for k, v in run.items() if k != "plans"}))
             result["runs"].append(run)

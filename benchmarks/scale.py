@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,22 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from procmem import peak_rss_mb  # benchmarks/ is sys.path[0] when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 CONCEPTS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 12)]
-
-
-def _peak_mb() -> float:
-    """This process's own peak RSS. Not ``ru_maxrss``: Linux carries the parent's peak
-    over fork and exec into it (a child of a parent that built 10^7 URIs would report
-    the parent's 2 GB); ``VmHWM`` belongs to the process's own address space."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _uris(n: int, start: int = 0, dated: bool = False) -> list[str]:
@@ -128,7 +115,7 @@ def child_new(args: argparse.Namespace) -> dict:
     plan = make_plan(cfg, prepared)
     plan_s = time.perf_counter() - t0
     out = {"plan_s": round(plan_s, 2), "engine": plan.engine, "stats": plan.stats.to_json()}
-    out["peak_rss_mb_after_plan"] = round(_peak_mb(), 1)
+    out["peak_rss_mb_after_plan"] = peak_rss_mb()
     if args.consolidate and plan.stats.tasks:
         t1 = time.perf_counter()
         out["commit_keys"] = _fake_commits(cfg, plan.run_id)
@@ -136,7 +123,7 @@ def child_new(args: argparse.Namespace) -> dict:
         out["consolidation"] = consolidate(cfg, plan.run_id)
         out["commit_keys_s"] = round(t2 - t1, 2)
         out["consolidate_s"] = round(time.perf_counter() - t2, 2)
-    out["peak_rss_mb"] = round(_peak_mb(), 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     ray.shutdown()
     return out
 
@@ -164,7 +151,7 @@ def child_old(args: argparse.Namespace) -> dict:
         "plan_s": round(time.perf_counter() - t0, 2),
         "todo_shards": len(plan.todo),
         "todo_inputs": sum(len(s) for s in plan.todo),
-        "peak_rss_mb": round(_peak_mb(), 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -561,5 +548,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from procmem import peak_rss_mb  # benchmarks/ is sys.path[0] when run as a script
 
 logger = logging.getLogger("benchmarks.video")
 
@@ -40,10 +41,6 @@ def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _video_config(shard_frames: int, overlap: int):
@@ -112,7 +109,7 @@ def child(
         "frames_per_s": round(frames / (infer_ms / 1000), 2),
         "decode_frames_per_s": round(frames / (decode_ms / 1000), 1),
         "rss_after_load_mb": round(rss_after_load, 1),
-        "peak_rss_mb": round(_peak_mb(), 1),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_trace_mb": rss_trace,
     }
 

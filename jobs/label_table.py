@@ -6,7 +6,9 @@ Ray Data's own ``write_parquet(partition_cols=["class_id"])``. Inputs that
 cannot be labelled are rows with ``status = "error"`` in
 ``class_id=__HIVE_DEFAULT_PARTITION__/`` (a null ``class_id`` when read back).
 Model, inference and resources come from a job config's sections, and its
-``input.storage_options`` read the table, the images and the concept table:
+``input.storage_options`` and ``input.max_pixels`` read the table, the images
+and the concept table. Text concepts only: a config with ``prompts.geometric``
+(box/point exemplars) is refused (``ConfigError``), as the operator has none:
 
     python jobs/label_table.py images.parquet out/table-labels \\
         --config configs/local-demo.yaml --column uri --keep asset_id
@@ -43,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import sam3ray
-    from sam3ray.config import load_config
+    from sam3ray.config import ConfigError, load_config
     from sam3ray.storage.location import Location
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.set or [])
+    if cfg.prompts.geometric:  # else its exemplar-only concepts would silently get no labels
+        raise ConfigError(
+            f"prompts.geometric: {cfg.prompts.geometric}: sam3ray.label takes text concepts "
+            "only; label box/point exemplars with the job (sam3ray run), or remove "
+            "prompts.geometric (--set prompts.geometric=null)"
+        )
     opts = cfg.input.storage_options
     if not ray.is_initialized():
         ray.init(address=cfg.resources.ray_address)
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         resources=cfg.resources,
         keep=args.keep,
         storage_options=opts,
+        max_pixels=cfg.input.max_pixels,
     )
     out = Location(args.out, cfg.output.storage_options or opts)
     labels.write_parquet(out.path, filesystem=out.arrow_filesystem(), partition_cols=["class_id"])

@@ -15,8 +15,10 @@ Choices:
 - Segmentations stay compressed COCO RLE (``counts`` as str) at the image's size
   (a mask stored on a grid capped by ``inference.max_imgsz`` is scaled up to its
   image by nearest pixel, in a DuckDB UDF: COCO ties masks to images), bbox is the
-  model's box as xywh, ``area`` the mask area, ``iscrowd`` 0. Annotation ids
-  run 1..M by category, image, then score (descending).
+  model's box as xywh, ``area`` the pixel count of the exported mask (so at the
+  image's size too: COCOeval's small/medium/large ranges are in image pixels),
+  ``iscrowd`` 0. Annotation ids run 1..M by category, image, then score
+  (descending).
 - ``results_path`` also writes the list form ``COCO.loadRes`` takes
   (image_id, category_id, segmentation, bbox, score), for ``COCOeval``.
 """
@@ -64,27 +66,34 @@ FROM both_kinds
 
 # Annotations are serialised by DuckDB (json_object, in C++), ~20x faster than dicts and
 # json.dumps per row; Python only prepends the running "id". A row without a mask (the
-# engine never writes one) gets its box as a polygon, so COCO tools still load it.
+# engine never writes one) gets its box as a polygon, so COCO tools still load it. A mask
+# on a capped grid is scaled once (``up``: counts and area); one at the image's size keeps
+# its stored counts and area, without decoding.
 _ANNOTATIONS_SQL = """
 WITH rows AS (
-    SELECT i.id AS image, round(d.score::DOUBLE, 6) AS score, d.mask_rle, d.mask_size AS ms,
-           i.height AS h, i.width AS w,
+    SELECT i.id AS image, round(d.score::DOUBLE, 6) AS score, d.mask_rle,
+           coalesce(d.mask_size[1] = i.height AND d.mask_size[2] = i.width, false) AS same,
+           d.mask_size AS ms, i.height AS h, i.width AS w,
            d.track_id, [round(d.box[k]::DOUBLE, 3) for k in [1, 2, 3, 4]] AS b,
            d.area::DOUBLE AS area
     FROM det AS d JOIN coco_images AS i
       ON d.image_id = i.image_id AND coalesce(d.frame_index, -1) = coalesce(i.frame_index, -1)
     WHERE d.class_id = $class_id AND d.score >= $min_score),
+scaled AS (
+    SELECT *, CASE WHEN mask_rle IS NOT NULL AND NOT same
+                   THEN sam3ray_rle_at(mask_rle, ms, h, w) END AS up
+    FROM rows),
 parts AS (
     SELECT image, score, track_id,
            CASE WHEN mask_rle IS NULL
                 THEN to_json([[b[1], b[2], b[3], b[2], b[3], b[4], b[1], b[4]]])
-                WHEN ms[1] = h AND ms[2] = w
-                THEN json_object('size', [h, w], 'counts', decode(mask_rle))
-                ELSE json_object('size', [h, w], 'counts', sam3ray_rle_at(mask_rle, ms, h, w))
+                WHEN same THEN json_object('size', [h, w], 'counts', decode(mask_rle))
+                ELSE json_object('size', [h, w], 'counts', up.counts)
            END AS seg,
            [b[1], b[2], round(b[3] - b[1], 3), round(b[4] - b[2], 3)] AS bbox,
-           coalesce(area, (b[3] - b[1]) * (b[4] - b[2])) AS area
-    FROM rows)
+           coalesce(CASE WHEN mask_rle IS NULL OR same THEN area ELSE up.area::DOUBLE END,
+                    (b[3] - b[1]) * (b[4] - b[2])) AS area
+    FROM scaled)
 SELECT json_object('image_id', image, 'category_id', $category_id, 'segmentation', seg,
                    'bbox', bbox, 'area', area, 'score', score, 'iscrowd', 0)::VARCHAR AS ann,
        json_object('image_id', image, 'category_id', $category_id, 'segmentation', seg,
@@ -106,20 +115,22 @@ class CocoExport:
 
 
 def _register_rle_at(con: Any) -> None:
-    """``sam3ray_rle_at(mask_rle, mask_size, h, w)``: the counts at the image's size."""
+    """``sam3ray_rle_at(mask_rle, mask_size, h, w)``: a capped mask at the image's size,
+    as ``{counts, area}``: one UDF call decodes and scales each mask once for both."""
     import duckdb
     from duckdb import sqltypes as t
 
     from sam3ray.core.masks import rle_at
 
-    def at(counts: bytes, size: list[int], h: int, w: int) -> str:
-        return rle_at(counts, size, (h, w)).decode("ascii")
+    def at(counts: bytes, size: list[int], h: int, w: int) -> dict[str, Any]:
+        scaled, area = rle_at(counts, size, (h, w))
+        return {"counts": scaled.decode("ascii"), "area": area}
 
     con.create_function(
         "sam3ray_rle_at",
         at,
         [t.BLOB, duckdb.list_type(t.INTEGER), t.INTEGER, t.INTEGER],
-        t.VARCHAR,
+        duckdb.struct_type({"counts": t.VARCHAR, "area": t.BIGINT}),
     )
 
 

@@ -24,7 +24,9 @@ at most ``max_points`` vertices); Label Studio polygons have no holes, so
 holes are filled and, like parts under ``min_part_px`` or beyond ``max_parts``,
 reported in pixels (:class:`PolygonLoss`), never silently. Everything runs in
 C per mask (``core.masks.outline_mask``), so export time is linear in
-detections and close to the brush export's.
+detections and close to the brush export's. A detection with no mask pixel at
+the image's size has nothing to draw in either format: it is counted
+(``LabelStudioExport.empty``) instead of exported as an invisible region.
 
 Image URLs as Label Studio can load them: object-store URIs stay ``s3://`` /
 ``gs://`` (a cloud storage connection of the project resolves them), or become
@@ -59,7 +61,7 @@ from sam3ray.analytics import (
     sql_list,
     stream,
 )
-from sam3ray.core.masks import decode_rle, mask_at, mask_to_polygons, outline_mask
+from sam3ray.core.masks import decode_rle, mask_at, outline_mask
 from sam3ray.core.uri import is_object_store, local_path
 from sam3ray.storage.location import Location
 
@@ -163,15 +165,6 @@ def brush_rle_to_mask(rle: Sequence[int] | bytes, height: int, width: int) -> np
     return decode_values(rle).reshape(height, width, 4)[..., 3] > 0
 
 
-def mask_to_percent_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[list[list[float]]]:
-    """Outer contours as ``[[x%, y%], ...]`` (0..100): Label Studio's polygon units."""
-    h, w = mask.shape
-    return [
-        np.round(np.asarray(flat).reshape(-1, 2) * [100 / w, 100 / h], 4).tolist()
-        for flat in mask_to_polygons(mask, tolerance)
-    ]
-
-
 def labeling_config(
     cats: Sequence[Category], fmt: str = "rle", from_name: str = "label", to_name: str = "image"
 ) -> str:
@@ -237,13 +230,17 @@ def _results(
     names: tuple[str, str],
     polygons: PolygonOptions,
     loss: PolygonLoss,
-) -> list[dict]:
+) -> list[dict] | None:
     """The result item(s) of one detection: one brush, or one polygon per kept part
-    (the first the detection's region, the others its children via ``parentID``)."""
-    if row["mask_rle"] is None:  # the engine always writes masks; nothing to draw without one
-        return []
+    (the first the detection's region, the others its children via ``parentID``).
+    None for a detection with nothing to draw (no mask, or no pixel at the image's
+    size): an empty region would be an invisible item to delete by hand."""
+    if row["mask_rle"] is None:  # the engine always writes masks
+        return None
     # Label Studio ties a mask to the image's pixels: a capped mask grid is scaled up.
     mask = mask_at(decode_rle(row["mask_rle"], row["mask_size"]), (row["height"], row["width"]))
+    if not mask.any():
+        return None
     rid = _region_id(row)
     base = {"from_name": names[0], "to_name": names[1], "original_width": row["width"],
             "original_height": row["height"], "image_rotation": 0,
@@ -301,9 +298,11 @@ class LabelStudioExport:
     """What was written: the file, its tasks, predictions, detections and result items.
 
     ``results`` counts result items (regions): one per detection for brushes, one per
-    kept part for polygons. ``storage_path`` is the folder a Local Files storage of the
-    project must cover (local images with ``local_files_root``); ``bare_local``
-    counts local images exported as plain paths, which Label Studio cannot load.
+    kept part for polygons; ``empty`` detections (no mask pixel at the image's size) are
+    counted in ``detections`` but drawn as no region. ``storage_path`` is the folder a
+    Local Files storage of the project must cover (local images with
+    ``local_files_root``); ``bare_local`` counts local images exported as plain paths,
+    which Label Studio cannot load.
     """
 
     path: str
@@ -315,6 +314,7 @@ class LabelStudioExport:
     storage_path: str | None = None
     bare_local: int = 0
     buckets: tuple[str, ...] = field(default_factory=tuple)
+    empty: int = 0
 
 
 def export_labelstudio(
@@ -344,7 +344,7 @@ def export_labelstudio(
     floor = float(min_score) if min_score is not None else float("-inf")
     urls = {"local_files_root": local_files_root, "presign": presign}
     con = connect(output)
-    n = {"tasks": 0, "results": 0, "predictions": 0, "detections": 0, "bare": 0}
+    n = {"tasks": 0, "results": 0, "predictions": 0, "detections": 0, "bare": 0, "empty": 0}
     local_dirs: set[str] = set()
     buckets: set[str] = set()
     try:
@@ -373,23 +373,27 @@ def export_labelstudio(
                 if row["class_id"] is not None:
                     task["_model"] = task["_model"] or row["model"]
                     name = names[row["class_id"]]
-                    task["_results"] += _results(
-                        row, name, fmt, (from_name, to_name), polygons, loss
-                    )
+                    drawn = _results(row, name, fmt, (from_name, to_name), polygons, loss)
                     n["detections"] += 1
+                    if drawn is None:
+                        n["empty"] += 1
+                    else:
+                        task["_results"] += drawn
             _flush(f, task, n)
             f.write("\n]\n")
     finally:
         con.close()
     storage = os.path.commonpath(sorted(local_dirs)) if local_dirs else None
-    if n["bare"]:
+    if n["bare"]:  # the one warning, for API and CLI users alike (the CLI does not repeat it)
         logger.warning("%d images are local paths Label Studio cannot load: export with a "
-                       "local files root (LOCAL_FILES_DOCUMENT_ROOT)", n["bare"])  # fmt: skip
-    logger.info("Label Studio: %d tasks, %d predictions, %d detections, %d results -> %s",
-                n["tasks"], n["predictions"], n["detections"], n["results"], out.uri)  # fmt: skip
+                       "local files root (local_files_root, CLI --local-files-root: Label "
+                       "Studio's LOCAL_FILES_DOCUMENT_ROOT)", n["bare"])  # fmt: skip
+    logger.info("Label Studio: %d tasks, %d predictions, %d detections (%d empty, not drawn), "
+                "%d results -> %s", n["tasks"], n["predictions"], n["detections"], n["empty"],
+                n["results"], out.uri)  # fmt: skip
     return LabelStudioExport(out.uri, n["tasks"], n["results"], n["predictions"],
                              n["detections"], loss if fmt == "polygon" else None, storage,
-                             n["bare"], tuple(sorted(buckets)))  # fmt: skip
+                             n["bare"], tuple(sorted(buckets)), n["empty"])  # fmt: skip
 
 
 def _flush(f: Any, task: dict[str, Any] | None, n: dict[str, int]) -> None:

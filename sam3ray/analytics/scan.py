@@ -23,7 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -238,10 +238,34 @@ def sql_list(values: Sequence[str]) -> str:
     return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
 
 
+class _Destination:
+    """The text file :func:`open_output` hands out: a refusal of the store while writing
+    (an upload may start before the close, once a part is full) names the file; the
+    caller's own errors never pass through here."""
+
+    def __init__(self, f: IO[str], uri: str) -> None:
+        self._f, self._uri = f, uri
+
+    def write(self, text: str) -> int:
+        try:
+            return self._f.write(text)
+        except PermissionError as exc:
+            raise _refused(self._uri, exc) from exc
+
+
+def _refused(uri: str, exc: PermissionError) -> PermissionError:
+    """Read-only credentials: say which file was refused (the store's own message may not)."""
+    return PermissionError(f"cannot write {uri}: {exc}")
+
+
 @contextlib.contextmanager
 def open_output(dest: Location) -> Iterator[IO[str]]:
     """A text file to stream a large export into (local: temp file renamed on success,
-    so a crash never leaves half a JSON; object stores: one upload on close)."""
+    so a crash never leaves half a JSON; object stores: one upload on close).
+
+    Only the destination's own refusals (open, write, close) become "cannot write
+    <dest>": a PermissionError of the caller's body (reading the lake, presigning)
+    propagates unchanged, and a failing body is not masked by a failing close."""
     fs, path = dest.fs, dest.path
     if dest.is_local:
         directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -257,15 +281,24 @@ def open_output(dest: Location) -> Iterator[IO[str]]:
             raise
         return
     try:
-        with fs.open(path, "w", encoding="utf-8") as f:
-            yield f
-    except PermissionError as exc:  # read-only credentials: say which file was refused
-        raise PermissionError(f"cannot write {dest.uri}: {exc}") from exc
+        f = fs.open(path, "w", encoding="utf-8")
+    except PermissionError as exc:
+        raise _refused(dest.uri, exc) from exc
+    try:
+        yield cast(IO[str], _Destination(f, dest.uri))
+    except BaseException:
+        with contextlib.suppress(Exception):  # the body's error is the one to report
+            f.close()
+        raise
+    try:
+        f.close()
+    except PermissionError as exc:
+        raise _refused(dest.uri, exc) from exc
 
 
 def write_file(dest: Location, data: bytes) -> None:
     """Write one small result file atomically (stats tables, thumbnails, index.html)."""
     try:
         dest.write_bytes(data)
-    except PermissionError as exc:  # read-only credentials: say which file was refused
-        raise PermissionError(f"cannot write {dest.uri}: {exc}") from exc
+    except PermissionError as exc:
+        raise _refused(dest.uri, exc) from exc

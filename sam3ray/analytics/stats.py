@@ -2,7 +2,7 @@
 
 Why DuckDB over file-by-file streams: the numbers (distinct images per
 concept, exact score percentiles) need hash tables and sorts over every
-detection; DuckDB computes them from a stream of the three columns involved,
+detection; DuckDB computes them from a stream of the few columns involved,
 one concept at a time, so the driver never holds the dataset (measured in
 ``tests/unit/analytics/test_stats.py`` on a million rows). The
 result is small and, when asked (``--save``), is written next to the output as
@@ -41,6 +41,8 @@ CONCEPT_STATS_SCHEMA = pa.schema(
         ("score_p10", pa.float64()),
         ("score_p50", pa.float64()),
         ("score_p90", pa.float64()),
+        # mean mask area in image pixels (a mask on a grid capped by max_imgsz is scaled
+        # by the image's size over the grid's: areas of different grids are not comparable)
         ("mask_area_mean", pa.float64()),
     ]
 )
@@ -84,6 +86,7 @@ def concept_stats(
     distinct images, not the dataset. Percentiles are exact (``quantile_cont``:
     linear interpolation, as numpy and pandas) unless ``approx`` (t-digest
     ``approx_quantile`` and HyperLogLog distinct counts: constant memory).
+    ``mask_area_mean`` is in image pixels, whatever grid the masks were stored on.
     """
     own = con is None
     con = con or connect(output, threads=1)
@@ -102,16 +105,26 @@ def concept_stats(
     return pa.Table.from_pydict(out, schema=CONCEPT_STATS_SCHEMA)
 
 
+# A detection's mask area in image pixels: ``area`` counts pixels of the ``mask_size``
+# grid, which ``inference.max_imgsz`` may cap below the image. Scaled by the ratio of the
+# two (the expected count; the exporters' own scaling is by nearest pixel); kept as is
+# when a size is missing or zero.
+_IMAGE_AREA = (
+    "area * coalesce(width::DOUBLE * height / nullif(mask_size[1]::DOUBLE * mask_size[2], 0), 1)"
+)
+
+
 def _one_concept(con: Any, dataset: Any, class_id: str, approx: bool) -> list[Any]:
     quantile, distinct = ("approx_quantile", "approx_count_distinct(image_id)") if approx else (
         "quantile_cont", "count(DISTINCT image_id)")  # fmt: skip
     qs = ", ".join(str(q) for q in QUANTILES)
-    reader = scan(dataset, ["image_id", "score", "area"], pc.field("class_id") == class_id)
+    columns = ["image_id", "score", "area", "mask_size", "width", "height"]
+    reader = scan(dataset, columns, pc.field("class_id") == class_id)
     con.register("concept_rows", reader)
     try:
         n, images, mean, q, area = con.execute(
-            f"SELECT count(*), {distinct}, avg(score), {quantile}(score, [{qs}]), avg(area) "
-            "FROM concept_rows"
+            f"SELECT count(*), {distinct}, avg(score), {quantile}(score, [{qs}]), "
+            f"avg({_IMAGE_AREA}) FROM concept_rows"
         ).fetchall()[0]
     finally:
         con.unregister("concept_rows")

@@ -88,8 +88,10 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
                               from_name=args.from_name, to_name=args.to_name,
                               local_files_root=args.local_files_root, presign=args.presign,
                               polygons=polygons)  # fmt: skip
+    empty = f" ({done.empty} with an empty mask, not drawn)" if done.empty else ""
     print(f"Label Studio: {done.tasks} tasks, {done.predictions} predictions, "
-          f"{done.detections} detections as {done.results} regions -> {done.path}")  # fmt: skip
+          f"{done.detections} detections{empty} as {done.results} regions "
+          f"-> {done.path}")  # fmt: skip
     if done.loss is not None:
         print(f"polygons: {done.loss.describe()}")
     if done.storage_path:
@@ -101,9 +103,6 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
             f"images: add a cloud storage of bucket(s) {', '.join(done.buckets)} to the "
             "project (it resolves the s3:// / gs:// URLs), or export with --presign"
         )
-    if done.bare_local:
-        print(f"warning: {done.bare_local} images are local paths Label Studio cannot load; "
-              "export with --local-files-root DIR", file=sys.stderr)  # fmt: skip
     if args.labeling_config:
         cats = select_categories(categories(output), args.concepts)
         xml = labeling_config(cats, args.format, args.from_name, args.to_name)
@@ -169,14 +168,15 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--from-name", default="label", help="name of the labels tag")
     ls.add_argument("--to-name", default="image", help="name of the Image tag")
     ls.add_argument("--labeling-config", metavar="FILE", help="also write a matching XML config")
-    urls = ls.add_mutually_exclusive_group()
-    urls.add_argument(
+    # Both URL flags may apply at once: each image URI is turned into a URL by its own
+    # kind (local files vs object store), and a lake can hold both.
+    ls.add_argument(
         "--local-files-root",
         metavar="DIR",
         help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: local images become "
         "/data/local-files/?d=<path under DIR> URLs",
     )
-    urls.add_argument(
+    ls.add_argument(
         "--presign",
         type=int,
         metavar="SECONDS",

@@ -207,7 +207,8 @@ class ResourcesConfig(BaseModel):
         8,
         ge=1,
         description="Threads per image actor that read and decode images ahead of the model "
-        "(reads overlap; at most images_per_batch + decode_threads images are held decoded)",
+        "(reads overlap; at most 3 * images_per_batch + decode_threads images are held "
+        "decoded: the batch on the device, the next one, the one finishing on the host)",
     )
     ray_address: str | None = Field(None, description="None = local Ray or $RAY_ADDRESS")
     object_store_memory: int | None = Field(None, gt=0, description="Bytes, local Ray only")

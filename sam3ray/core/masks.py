@@ -59,11 +59,17 @@ def mask_at(mask: np.ndarray, size: tuple[int, int] | list[int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def rle_at(counts: bytes, size: tuple[int, int] | list[int], to: tuple[int, int]) -> bytes:
-    """Compressed counts of a mask scaled from ``size`` to ``to`` (see :func:`mask_at`)."""
+def rle_at(
+    counts: bytes, size: tuple[int, int] | list[int], to: tuple[int, int]
+) -> tuple[bytes, int]:
+    """(compressed counts, area) of a mask scaled from ``size`` to ``to`` (see
+    :func:`mask_at`). The area is the scaled mask's own pixel count: formats that
+    tie a mask to its image (COCO) need both on the same grid, and nearest-pixel
+    scaling does not multiply areas exactly."""
     if tuple(int(v) for v in size) == tuple(int(v) for v in to):
-        return counts
-    return encode_rle(mask_at(decode_rle(counts, size), to))[0]
+        rle = {"counts": counts, "size": [int(size[0]), int(size[1])]}
+        return counts, int(mask_utils.area(rle))
+    return encode_rle(mask_at(decode_rle(counts, size), to))
 
 
 def rle_iou(a: bytes, b: bytes, size: tuple[int, int]) -> float:
@@ -72,12 +78,6 @@ def rle_iou(a: bytes, b: bytes, size: tuple[int, int]) -> float:
     ra = {"counts": a, "size": [h, w]}
     rb = {"counts": b, "size": [h, w]}
     return float(mask_utils.iou([ra], [rb], [0])[0][0])
-
-
-def rle_bbox(counts: bytes, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Tight xyxy box of a compressed RLE (empty mask -> zeros)."""
-    x, y, w, h = mask_utils.toBbox({"counts": counts, "size": [int(size[0]), int(size[1])]})
-    return float(x), float(y), float(x + w), float(y + h)
 
 
 @dataclass(frozen=True)
@@ -206,17 +206,3 @@ def _on_pixel_edges(polys: list[np.ndarray]) -> list[np.ndarray]:
             lo, hi = pts[s : s + n].min(axis=0) - 0.5, pts[s : s + n].max(axis=0) + 0.5
             out.append(np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]]))
     return out
-
-
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[list[float]]:
-    """Outer contours of a boolean mask as flat ``[x0, y0, x1, y1, ...]`` pixel-edge lists.
-
-    Label tools that cannot read RLE (Label Studio polygons, CVAT, COCO polygons)
-    need polygons. Coordinates are on pixel edges (a pixel square spans x..x+1),
-    as COCO rasterises them, and holes are dropped: a hole's contour returned as
-    another polygon would be drawn as a filled region of the class
-    (:func:`outline_mask` says how much they covered).
-    """
-    h, w = mask.shape
-    out = outline_mask(mask, tolerance=tolerance, max_points=1 << 30)
-    return [np.round(np.clip(p, 0, [w, h]), 2).ravel().tolist() for p in out.parts]

@@ -27,6 +27,20 @@ MASK_PIXELS_PER_STEP = 16_000_000
 #: Bytes per mask pixel in flight while encoding (float logits, bool, transposed
 #: copy, change points): the post-processing buffer a memory plan reserves.
 MASK_BYTES_PER_PIXEL = 8
+
+
+def post_processing_bytes(max_imgsz: int | None) -> int:
+    """Device memory a batch's post-processing needs beyond the forward, for a memory
+    plan: the larger of an NMS step and a mask-encoding step. A step upsamples up to
+    ``MASK_PIXELS_PER_STEP`` pixels, or one mask if it is larger: with ``max_imgsz``
+    that is at most ``max_imgsz``², without it an image's full size, which no plan
+    can know (a lake of >16 MP photos should set ``max_imgsz``)."""
+    from sam3ray.model.postprocess import NMS_BYTES_PER_ELEMENT, NMS_ELEMENTS_PER_STEP
+
+    mask_pixels = max(MASK_PIXELS_PER_STEP, (max_imgsz or 0) ** 2)
+    return max(MASK_BYTES_PER_PIXEL * mask_pixels, NMS_BYTES_PER_ELEMENT * NMS_ELEMENTS_PER_STEP)
+
+
 #: Columns of the per-detection block of the one device→host copy.
 _IMAGE, _QUERY, _SCORE, _BOX, _AREA, _NCOUNTS = 0, 1, 2, 3, 7, 8
 _META_COLUMNS = 9

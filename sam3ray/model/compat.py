@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from sam3ray.model.postprocess import box_iou
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -23,21 +25,12 @@ _done = False
 _torchvision_lib: torch.library.Library | None = None
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-12)
-
-
 def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy NMS in plain torch with torchvision.ops.nms semantics (indices, score order)."""
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    iou = _box_iou(boxes[order].float(), boxes[order].float())
+    iou = box_iou(boxes[order].float(), boxes[order].float())
     n = order.numel()
     suppressed = torch.zeros(n, dtype=torch.bool)
     over = (iou > iou_threshold).cpu()

@@ -10,20 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 
+def device_type(device: str) -> str:
+    """``cuda`` for ``cuda`` and ``cuda:1`` alike: every decision here is by kind."""
+    return device.split(":", 1)[0]
+
+
 def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device is 'cuda' but no CUDA device is visible")
+    if device_type(device) == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {device!r} but no CUDA device is visible")
     return device
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """``model.dtype`` on a resolved device: auto is bfloat16 on CUDA, float32 elsewhere."""
     if dtype == "auto":
-        return "bfloat16" if device == "cuda" else "float32"
+        return "bfloat16" if device_type(device) == "cuda" else "float32"
     return dtype
 
 

@@ -38,13 +38,13 @@ import numpy as np
 from sam3ray.config.schema import InferenceConfig, ModelConfig
 from sam3ray.core.types import ConceptSet, Detection, ImageExemplars
 from sam3ray.model.batches import (
-    MASK_BYTES_PER_PIXEL,
-    MASK_PIXELS_PER_STEP,
     BatchContext,
     PendingBatch,
     finish_batch,
+    post_processing_bytes,
 )
 from sam3ray.model.device import (
+    device_type,
     is_out_of_memory,
     resolve_device,
     resolve_dtype,
@@ -212,8 +212,17 @@ class Sam3Engine:
         to these class ids (a relabel of some concepts gives what a full run gives for
         them: every per-concept choice, NMS and ``max_det``, is made per concept).
         Raises ``ValueError`` naming the offending item before any work is done.
+        Runs in batches of the plan's ``images_per_batch``, as the job does, so a
+        list of any length costs one batch of device memory at a time.
         """
-        return self.launch(images, exemplars, only).result().per_image()
+        sizes = validate_images(images)
+        build_queries(self.concepts, exemplars, sizes, len(images))  # every check, up front
+        step = max(1, int(self.batch_plan().images_per_batch))
+        out: list[list[Detection]] = []
+        for s in range(0, len(images), step):
+            part = None if exemplars is None else exemplars[s : s + step]
+            out += self.launch(images[s : s + step], part, only).result().per_image()
+        return out
 
     def launch(
         self,
@@ -221,8 +230,11 @@ class Sam3Engine:
         exemplars: Sequence[ImageExemplars | None] | None = None,
         only: Collection[str] | None = None,
     ) -> PendingBatch:
-        """The device phase of :meth:`predict`: everything up to the one device→host
-        copy, which is queued; ``result()`` on the returned batch finishes it."""
+        """The device phase of one batch of :meth:`predict` (all of ``images`` at once:
+        the caller sizes the batch): forward, selection, NMS and mask encoding, up to
+        the one bulk device→host copy, which is queued; ``result()`` on the returned
+        batch finishes it. Shapes depend on the data, so it still synchronises with
+        the device a few times per batch and per pack (candidate counts, NMS rounds)."""
         import torch
 
         sizes = validate_images(images)
@@ -264,7 +276,7 @@ class Sam3Engine:
         import torch
 
         gc.collect()
-        if self.device.startswith("cuda"):
+        if device_type(self.device) == "cuda":
             torch.cuda.empty_cache()
 
     def autocast(self):
@@ -300,7 +312,7 @@ class Sam3Engine:
         )
 
         ipb, qpf = self.config.images_per_batch, self.config.queries_per_forward
-        if not self.device.startswith("cuda"):
+        if device_type(self.device) != "cuda":
             images = CPU_IMAGES_PER_BATCH if ipb == "auto" else int(ipb)
             queries = CPU_QUERIES_PER_FORWARD if qpf == "auto" else int(qpf)
             return BatchPlan(images, queries, "CPU defaults (no device memory to plan)")
@@ -310,8 +322,7 @@ class Sam3Engine:
         self.release_memory()
         budget = device_budget(self.device, self.gpu_share)
         per_image_queries = sum(max(1, len(c.texts)) for c in self.concepts)
-        grid = self.config.max_imgsz or self.resolution
-        mask_bytes = MASK_BYTES_PER_PIXEL * min(MASK_PIXELS_PER_STEP, grid * grid)
+        mask_bytes = post_processing_bytes(self.config.max_imgsz)
         plan = plan_batches(sizes, budget, per_image_queries, ipb, qpf, mask_bytes=mask_bytes)
         logger.info(
             "batch plan: %d images, %d queries per forward (%s; per image %.0f MiB, "
@@ -341,7 +352,7 @@ class Sam3Engine:
 
     def _pack_size(self) -> int:
         cap = int(self.batch_plan().queries_per_forward)
-        if self.device == "cpu":
+        if device_type(self.device) != "cuda":
             cap = min(cap, CPU_QUERIES_PER_FORWARD)
         if self._pack_cap is not None:
             cap = min(cap, self._pack_cap)
@@ -367,7 +378,9 @@ class Sam3Engine:
             if oom:  # outside the except block: its traceback no longer pins the pack
                 self._pack_cap = max(1, len(pack) // 2)
                 self.stats.out_of_memory += 1
-                logger.warning("out of memory in a pack of %d queries; now %d", len(pack), step)
+                logger.warning(
+                    "out of memory in a pack of %d queries; now %d", len(pack), self._pack_cap
+                )
                 self.release_memory()
         return found
 

@@ -19,8 +19,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: IoU-matrix elements per step of :func:`batched_nms` (bounds its memory: 16M floats).
-NMS_ELEMENTS_PER_STEP = 16_000_000
+#: IoU-matrix elements per step of :func:`batched_nms`: it bounds the step's memory.
+NMS_ELEMENTS_PER_STEP = 4_000_000
+#: Peak bytes per IoU-matrix element in a step: corners and sizes of the pairwise
+#: intersection (``lt``, ``rb``, ``wh``: 8 B each), intersection, union and IoU
+#: (4 B each), and the boolean masks; 4M elements peak near 160 MB.
+NMS_BYTES_PER_ELEMENT = 40
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import numpy as np
 
 from sam3ray.config.schema import ModelConfig, VideoConfig
 from sam3ray.core.types import Detection
+from sam3ray.model.device import device_type
 from sam3ray.model.video_queries import VideoQuery
 from sam3ray.storage.location import Location
 
@@ -357,5 +358,5 @@ class VideoTracker:
         import torch
 
         gc.collect()
-        if self.device == "cuda":
+        if device_type(self.device) == "cuda":
             torch.cuda.empty_cache()

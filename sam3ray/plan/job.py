@@ -89,7 +89,7 @@ def prepare(cfg: JobConfig) -> Prepared:
 def refuse_legacy_output(cfg: JobConfig) -> None:
     """An output written before the consolidated state (markers, no ``_state/``) cannot
     be resumed: planning would not see its labels and would label every input again
-    into new shards, next to the old files. Two existence checks (no listing)."""
+    into new shards, next to the old files. Two small existence checks, no full listing."""
     if cfg.output.mode == "overwrite":
         return
     out = cfg.output_location

@@ -42,7 +42,7 @@ def dataset_of(items: Sequence[Any]) -> ray.data.Dataset:
 
 
 def _task_fn(stage: Stage) -> Any:
-    """A row function for a task stage, named after it (Ray Data shows ``Map(decode)``)."""
+    """A row function for a task stage, named after it (Ray Data shows ``Map(commit)``)."""
 
     def run(row: dict[str, Any]) -> dict[str, Any]:
         stage.setup()  # idempotent; light for task stages

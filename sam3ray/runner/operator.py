@@ -14,10 +14,12 @@ sections and returns a lazy dataset of detection rows::
 It runs the job's own pieces: an autoscaling pool of fractional-GPU actors that
 load SAM 3 once (``setup()`` in the constructor, as ``runner.adapter`` does) reads
 and decodes each batch's inputs in ``resources.decode_threads`` threads with the
-job's decoder (``sources.images.decode_image``: EXIF, colour modes, size limit)
-and labels them with the job's ``SegmentStage``, which builds rows with the job's
-row builders (``stages.rows``). So a row here equals the job's row for the same
-image.
+job's decoder (``sources.images.decode_image``: EXIF, colour modes, size limit),
+at most ``decode_threads + images_per_batch`` inputs ahead of the model as the
+job's ``ImageReader`` does (so the next model batch decodes while one runs), and
+labels them as they come with the job's ``SegmentStage``, which builds rows with
+the job's row builders (``stages.rows``). So a row here equals the job's row for
+the same image.
 
 Output rows (:data:`LABEL_SCHEMA` plus the ``keep`` columns, repeated per row):
 
@@ -42,8 +44,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -60,7 +63,7 @@ from sam3ray.config.schema import (
     is_hub_id,
 )
 from sam3ray.core.errors import ConfigError, DecodeError, error_reason, error_text
-from sam3ray.core.ids import input_id, stable_id
+from sam3ray.core.ids import input_id
 from sam3ray.core.shards import Shard
 from sam3ray.core.types import Concept, ConceptSet
 from sam3ray.core.uri import canonical_input
@@ -70,7 +73,7 @@ from sam3ray.runner.cluster import gpu_share
 from sam3ray.runner.metrics import RayMetrics
 from sam3ray.sources.images import decode_image
 from sam3ray.sources.prompts import load_concepts
-from sam3ray.stages.decode import DecodedImage
+from sam3ray.stages.decode import DecodedImage, prefetch
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import ShardTask
 from sam3ray.storage.location import Location
@@ -116,7 +119,8 @@ def label(
     columns to carry into every output row. ``image_id`` and ``uri`` are the
     job's (``input_id`` of the canonical URI), so labels join with a job's
     output; for bytes and arrays ``uri_column`` names a column with each
-    input's URI, else ``uri`` is ``sha1:<hex of the content>``.
+    input's URI (made canonical the same way), else ``uri`` is
+    ``sha1:<hex of the content>``.
 
     ``concepts`` is a concept table (path or URI, as ``prompts.concepts``), a
     ``ConceptSet`` or a list of ``Concept``; ``model``, ``inference`` and
@@ -231,41 +235,83 @@ def decode_input(
     """One input as the segment stage takes it: full-size RGB pixels, or why there are none.
 
     Why full size: the engine resizes to the model's input in one step; shipping
-    a shrunk copy would make the labels depend on the decode path.
+    a shrunk copy would make the labels depend on the decode path. Never raises:
+    a value that cannot even be named (``uri`` stays ``""``) is one error row too.
     """
     t0 = time.perf_counter()
-    if kind == "uri":
-        uri = canonical_input(str(value)) if value else ""
-    elif value is not None and uri is None:
-        uri = _content_uri(value)
-    uri = uri or ""
-    image_id = input_id(uri)
+    name = ""
     try:
+        name = _input_uri(value, kind, uri)
         if value is None or (kind == "uri" and not value):
             raise DecodeError("empty", f"the {kind} column is null or empty")
         if kind == "uri":
-            data = Location(uri, storage_options or {}).read_bytes()
+            data = Location(name, storage_options or {}).read_bytes()
             pixels = decode_image(data, max_pixels=max_pixels)
         elif kind == "bytes":
-            pixels = decode_image(bytes(value), max_pixels=max_pixels)
+            pixels = decode_image(_encoded(value), max_pixels=max_pixels)
         else:
             pixels = _rgb_array(value, max_pixels)
     except Exception as exc:  # one bad input must not cost its batch-mates
         ms = (time.perf_counter() - t0) * 1000
-        return DecodedImage(uri, image_id, None, None, ms, error_text(exc), error_reason(exc))
+        return DecodedImage(
+            name, input_id(name), None, None, ms, error_text(exc), error_reason(exc)
+        )
     h, w = pixels.shape[:2]
-    return DecodedImage(uri, image_id, pixels, (h, w), (time.perf_counter() - t0) * 1000)
+    return DecodedImage(name, input_id(name), pixels, (h, w), (time.perf_counter() - t0) * 1000)
 
 
-def _content_uri(value: Any) -> str:
+def decode_inputs(
+    values: Sequence[Any],
+    uris: Sequence[str | None],
+    kind: str,
+    *,
+    threads: int,
+    window: int,
+    storage_options: dict[str, Any] | None = None,
+    max_pixels: int = _MAX_PIXELS,
+) -> Iterator[DecodedImage]:
+    """:func:`decode_input` of each value (``uris[i]`` names ``values[i]``), in order,
+    decoded in ``threads`` threads at most ``window`` inputs ahead of the consumer.
+
+    Why a generator: the segment stage labels each batch of images as soon as
+    it has one, so decoding overlaps the model and decoded originals do not
+    wait for the whole Ray batch. Close it (or exhaust it) to stop the threads.
+    """
+
+    def one(value: Any, uri: str | None) -> DecodedImage:
+        return decode_input(value, kind, uri, storage_options, max_pixels)
+
+    return prefetch(one, zip(values, uris, strict=True), threads=threads, window=window)
+
+
+def _input_uri(value: Any, kind: str, uri: str | None) -> str:
+    """The job's URI of an input: canonical (as listings return it, so ``image_id``
+    joins with a job's output), else ``sha1:<hex>`` of its content, else ``""``."""
+    if kind == "uri":
+        return canonical_input(str(value)) if value else ""
+    if uri:
+        return canonical_input(str(uri))
+    return _content_uri(value, kind) if value is not None else ""
+
+
+def _content_uri(value: Any, kind: str) -> str:
     """``sha1:<hex>`` of an input's content (bytes, or an array's shape, dtype and bytes)."""
     digest = hashlib.sha1()
-    if isinstance(value, np.ndarray):
-        digest.update(f"{value.shape}{value.dtype}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
+    if kind == "array":
+        arr = np.asarray(value)
+        digest.update(f"{arr.shape}{arr.dtype}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
     else:
-        digest.update(bytes(value))
+        digest.update(_encoded(value))
     return f"sha1:{digest.hexdigest()}"
+
+
+def _encoded(value: Any) -> bytes:
+    """An encoded file's bytes; anything else (a str column read as bytes, a number) is
+    ``unsupported``, not silently bytes (``bytes(5)`` is five zero bytes)."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise DecodeError("unsupported", f"expected encoded bytes, got {type(value).__name__}")
+    return bytes(value)
 
 
 def _rgb_array(value: Any, max_pixels: int) -> np.ndarray:
@@ -292,36 +338,51 @@ class _LabelActor:
         self.stage = stage
         self.keep = keep
         self.read = read
-        self.pool = ThreadPoolExecutor(stage.decode_threads, thread_name_prefix="sam3ray-decode")
         stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kind, uri_column = self.read["kind"], self.read["uri_column"]
         values = _column_values(batch, self.read["column"], kind)
         uris = batch.column(uri_column).to_pylist() if uri_column else [None] * batch.num_rows
-        source = self.stage.source
-        items = self.pool.map(  # in order, decoded while earlier ones are labelled
-            lambda v, u: decode_input(v, kind, u, source.storage_options, source.max_pixels),
+        stage, source = self.stage, self.stage.source
+        # As the job's ImageReader: the next model batch decodes while this one runs.
+        items = decode_inputs(
             values,
             uris,
+            kind,
+            threads=stage.decode_threads,
+            window=stage.decode_threads + stage.images_per_batch(),
+            storage_options=source.storage_options,
+            max_pixels=source.max_pixels,
         )
-        return label_items(self.stage, items, batch.select(self.keep))
+        with closing(items):  # a failed batch stops its decode threads at once
+            return label_items(stage, items, batch.select(self.keep))
 
 
 def label_items(stage: SegmentStage, items: Iterable[DecodedImage], keep: pa.Table) -> pa.Table:
     """Label decoded inputs with ``stage`` (set up) and return the output rows.
 
-    The stage sees the batch as one shard whose inputs are named by position, so
-    the same image twice in a batch keeps its own rows; the real ids go back in
+    ``items`` is consumed lazily (a generator such as :func:`decode_inputs` is
+    labelled as it decodes), keeping only each input's ``image_id``. The
+    stage sees the batch as one shard whose inputs are named by position, so the
+    same image twice in a batch keeps its own rows; the real ids go back in
     afterwards. ``keep`` (one row per item) is repeated for each output row.
     """
-    items = list(items)
-    named = [replace(item, image_id=str(i)) for i, item in enumerate(items)]
-    ids = pa.array([item.image_id for item in items], pa.string())
-    shard_id = "op-" + stable_id("\n".join(item.uri for item in items))
-    shard = Shard(shard_id, "image", tuple(i.uri for i in named), tuple(i.image_id for i in named))
+    image_ids: list[str] = []  # per position; the stage's rows carry each uri themselves
+
+    def by_position() -> Iterator[DecodedImage]:
+        for i, item in enumerate(items):
+            image_ids.append(item.image_id)
+            yield replace(item, image_id=str(i))
+
+    # The inputs are known only as they decode, so the shard lists none; its id
+    # is internal (the output has no shard_id column).
+    shard = Shard("op-" + uuid.uuid4().hex[:16], "image", (), ())
     task = ShardTask(shard, tuple(c.class_id for c in stage.concepts), ())
-    result = stage.label(task, named)
+    result = stage.label(task, by_position())
+    if len(image_ids) != keep.num_rows:
+        raise ValueError(f"{len(image_ids)} inputs for {keep.num_rows} rows of key columns")
+    ids = pa.array(image_ids, pa.string())
     det = result.detections
     det_pos = pc.cast(det.column("image_id"), pa.int64()).combine_chunks()
     n = det.num_rows
@@ -336,7 +397,7 @@ def label_items(stage: SegmentStage, items: Iterable[DecodedImage], keep: pa.Tab
             continue
         pos = int(row["image_id"])
         err_pos.append(pos)
-        errors.append({"run_id": row["run_id"], "image_id": items[pos].image_id,
+        errors.append({"run_id": row["run_id"], "image_id": image_ids[pos],
                        "uri": row["uri"], "width": row["width"], "height": row["height"],
                        "model": model_id, "created_at": row["created_at"], "status": "error",
                        "error": row["error"], "error_reason": row["error_reason"]})  # fmt: skip

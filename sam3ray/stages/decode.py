@@ -16,17 +16,21 @@ has none. One poison file costs only itself.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from sam3ray.config.schema import InputConfig
 from sam3ray.core.errors import error_reason, error_text
 from sam3ray.sources.images import decode_image
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,24 +80,36 @@ class ImageReader:
 
     def read(self, uris: Sequence[str], image_ids: Sequence[str]) -> Iterator[DecodedImage]:
         """Yield one :class:`DecodedImage` per input, in input order."""
-        todo = iter(zip(uris, image_ids, strict=True))
-        pending: deque[Future[DecodedImage]] = deque()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sam3ray-decode")
-        try:
+        args = ((self.source, u, i) for u, i in zip(uris, image_ids, strict=True))
+        return prefetch(decode_one, args, threads=self.threads, window=self.window)
 
-            def submit() -> None:
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(decode_one, self.source, *nxt))
 
-            for _ in range(self.window):
-                submit()
-            while pending:
-                item = pending.popleft().result()
-                submit()
-                yield item
-        finally:  # a consumer that stops early must not leave reads running
-            pool.shutdown(wait=True, cancel_futures=True)
+def prefetch(
+    fn: Callable[..., T], args: Iterable[tuple[Any, ...]], *, threads: int, window: int
+) -> Iterator[T]:
+    """``fn(*a)`` for each ``a`` of ``args``, in order, run in ``threads`` threads at most
+    ``window`` calls ahead of the consumer (``args`` is read lazily too).
+
+    Why not ``ThreadPoolExecutor.map``: it submits every input at once, so with a
+    slower consumer (the model) all results would be made and held before the first
+    is used. The pool lives as long as the generator: closing it (a consumer that
+    stops early) cancels what has not started and waits for what has.
+    """
+    if threads < 1 or window < 1:
+        raise ValueError(f"threads and window must be >= 1, got {threads} and {window}")
+    todo = iter(args)
+    pending: deque[Future[T]] = deque()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sam3ray-decode")
+    try:
+        for nxt in itertools.islice(todo, window):
+            pending.append(pool.submit(fn, *nxt))
+        while pending:
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, *nxt))
+            yield pending.popleft().result()  # the frame keeps no result while suspended
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ms(t0: float) -> float:

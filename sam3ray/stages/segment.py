@@ -53,11 +53,19 @@ class _Shard:
     only: tuple[str, ...] | None = None  # a relabel: the concepts to run (None: all)
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched batch whose host phase runs on the worker thread."""
+
+    indices: list[int]
+    future: Future
+    pixels: dict[int, Any]  # kept until collected: a failed host phase redoes from them
+
+
 class SegmentStage(ModelStage):
     """ShardTask (images) → ShardResult, with one image model per instance."""
 
     name = "segment"
-    engine: Any = None
 
     def __init__(
         self,
@@ -73,18 +81,18 @@ class SegmentStage(ModelStage):
         self.decode_threads = resources.decode_threads
         self.gpu_share = resources.gpus_per_actor
         self._images_per_batch: int | None = None  # lowered after an out-of-memory error
+        self.engine: Any = None  # loaded by setup(), once per actor
 
     def _load(self) -> str:
         from sam3ray.model.engine import Sam3Engine
 
-        if self.engine is None:  # (a test may hand one in)
-            self.engine = Sam3Engine.from_config(
-                self.model,
-                self.concepts,
-                self.inference,
-                self.checkpoint,
-                gpu_share=self.gpu_share or 1.0,
-            )
+        self.engine = Sam3Engine.from_config(
+            self.model,
+            self.concepts,
+            self.inference,
+            self.checkpoint,
+            gpu_share=self.gpu_share or 1.0,
+        )
         return self.engine.model_id
 
     def images_per_batch(self) -> int:
@@ -96,6 +104,9 @@ class SegmentStage(ModelStage):
         self.setup()
         if not task.concepts:  # drops only: nothing to read, nothing to label
             return self._result(task, _Shard())
+        # The next batch decodes while the device runs this one. Held decoded at most:
+        # the batch on the device, the one in its host phase (kept for a redo), and
+        # the reader's window: 3 * images_per_batch + decode_threads.
         window = self.decode_threads + self.images_per_batch()
         reader = ImageReader(self.source, self.decode_threads, window)
         return self.label(task, reader.read(task.shard.uris, task.shard.image_ids))
@@ -107,7 +118,7 @@ class SegmentStage(ModelStage):
         self.setup()
         acc = _Shard(only=None if task.fresh else task.concepts)
         with ThreadPoolExecutor(1, thread_name_prefix="sam3ray-host") as host:
-            inflight: list[tuple[list[int], Future]] = []
+            inflight: list[_InFlight] = []
             batch: list[int] = []
             pixels: dict[int, Any] = {}
             for img in images:
@@ -126,22 +137,23 @@ class SegmentStage(ModelStage):
                     batch = []
             if batch:
                 self._launch(acc, batch, pixels, host, inflight)
-            for idx, fut in inflight:
-                self._collect(acc, idx, fut)
+            for item in inflight:
+                self._collect(acc, item)
         return self._result(task, acc)
 
     # ------------------------------------------------------------------ batches
     def _launch(self, acc: _Shard, idx: list[int], pixels: dict, host, inflight: list) -> None:
         """Device phase of a batch (split on OOM, one by one on other errors); its host
         phase goes to the worker thread. At most one batch waits there, so decoded
-        pixels and device results never pile up."""
+        pixels and device results never pile up. A waiting batch keeps its pixels: if
+        its host phase fails, its images are redone from them, not read again."""
         for part, pending, ms in self._device_phase(acc, idx, pixels):
             for i in part:
                 acc.infer_ms[i] = ms
             fut = host.submit(self._host_phase, acc.images, part, pending)
-            inflight.append((part, fut))
+            inflight.append(_InFlight(part, fut, {i: pixels[i] for i in part}))
             while len(inflight) > 1:
-                self._collect(acc, *inflight.pop(0))
+                self._collect(acc, inflight.pop(0))
         for i in idx:
             pixels.pop(i, None)
 
@@ -159,10 +171,8 @@ class SegmentStage(ModelStage):
             if len(idx) == 1:
                 logger.exception("inference failed on %s", acc.images[idx[0]].uri)
                 acc.failed[idx[0]] = (error_text(exc), "inference_failed")
-                if oom:
-                    self.engine.release_memory()
-                return []
-            if oom:  # memory, not a poison image: halve the batch, and later ones
+                parts = []
+            elif oom:  # memory, not a poison image: halve the batch, and later ones
                 half = (len(idx) + 1) // 2
                 self._images_per_batch = min(self.images_per_batch(), half)
                 logger.warning("out of memory on %d images: retrying as %d", len(idx), half)
@@ -170,12 +180,14 @@ class SegmentStage(ModelStage):
             else:  # find the input(s) that broke the batch; the rest keep their labels
                 logger.exception("inference failed on a batch of %d; one by one", len(idx))
                 parts = [[i] for i in idx]
-            del exc
-            if oom:
-                self.engine.release_memory()
-            return [r for part in parts for r in self._device_phase(acc, part, pixels)]
-        ms = (time.perf_counter() - t0) * 1000 / len(idx)
-        return [(idx, pending, ms)]
+        else:
+            ms = (time.perf_counter() - t0) * 1000 / len(idx)
+            return [(idx, pending, ms)]
+        # Out of the except block: its traceback pinned the failed batch's frames
+        # (backbone features, every pack's candidates); only now can they be freed.
+        if oom:
+            self.engine.release_memory()
+        return [r for part in parts for r in self._device_phase(acc, part, pixels)]
 
     def _host_phase(self, images: list[DecodedImage], idx: list[int], pending: Any) -> tuple:
         """(detections table, detections per image) of a launched batch (worker thread)."""
@@ -183,30 +195,28 @@ class SegmentStage(ModelStage):
         infos = [self._info(images[i]) for i in idx]
         return batch_detections_table(infos, found), found.counts().tolist()
 
-    def _collect(self, acc: _Shard, idx: list[int], fut: Future) -> None:
+    def _collect(self, acc: _Shard, item: _InFlight) -> None:
+        idx = item.indices
         try:
-            table, counts = fut.result()
-        except Exception:  # the host phase broke: redo these images one by one, in full
-            logger.exception("post-processing failed on a batch of %d; one by one", len(idx))
+            table, counts = item.future.result()
+        except Exception as exc:  # the host phase broke: redo these images one by one
+            logger.exception("post-processing failed on a batch of %d", len(idx))
             if len(idx) == 1:
-                acc.failed[idx[0]] = ("post-processing failed", "inference_failed")
+                acc.failed[idx[0]] = (error_text(exc), "inference_failed")
                 return
-            self._redo_alone(acc, idx)
+            self._redo_alone(acc, idx, item.pixels)
             return
         acc.tables.append((idx[0], table))
         acc.counts.update(zip(idx, counts, strict=True))
 
-    def _redo_alone(self, acc: _Shard, idx: list[int]) -> None:
-        """Re-read and relabel each image of ``idx`` alone, synchronously."""
-        from sam3ray.stages.decode import decode_one
-
+    def _redo_alone(self, acc: _Shard, idx: list[int], pixels: dict[int, Any]) -> None:
+        """Relabel each image of ``idx`` alone from its kept pixels, synchronously."""
         for i in idx:
-            img = decode_one(self.source, acc.images[i].uri, acc.images[i].image_id)
             try:
-                pending = self.engine.launch([img.pixels], self._exemplars(acc, [i]), acc.only)
+                pending = self.engine.launch([pixels[i]], self._exemplars(acc, [i]), acc.only)
                 table, counts = self._host_phase(acc.images, [i], pending)
             except Exception as exc:
-                logger.exception("inference failed on %s", img.uri)
+                logger.exception("inference failed on %s", acc.images[i].uri)
                 acc.failed[i] = (error_text(exc), "inference_failed")
                 continue
             acc.tables.append((i, table))

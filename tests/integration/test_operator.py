@@ -141,8 +141,9 @@ def test_bytes_with_their_paths_and_a_null(it, lake, job_output, ray_session):
     """Encoded bytes; ``uri_column`` names them, so ids join with the job's output."""
     rows = [{"path": u, "data": Path(u).read_bytes(), "key": f"k{i}"}
             for i, u in enumerate(lake["good"])]  # fmt: skip
-    rows += [{"path": None, "data": b"garbage", "key": "junk"}, {"path": "x", "data": None,
-             "key": "null"}]  # fmt: skip
+    nowhere = lake["images"] / "nowhere.jpg"  # given as file://, named as the job names it
+    rows += [{"path": None, "data": b"garbage", "key": "junk"},
+             {"path": f"file://{nowhere}", "data": None, "key": "null"}]  # fmt: skip
     model, inference = _sections(lake)
     ds = ray_session.data.from_items(rows)
     out = label(ds, column="data", kind="bytes", uri_column="path", concepts=lake["concepts"],
@@ -155,7 +156,8 @@ def test_bytes_with_their_paths_and_a_null(it, lake, job_output, ray_session):
     assert set(errors) == {"junk", "null"}
     assert errors["junk"]["error_reason"] == "not_an_image"
     assert errors["junk"]["uri"].startswith("sha1:")  # no path: named by its content
-    assert errors["null"]["error_reason"] == "empty" and errors["null"]["uri"] == "x"
+    assert errors["null"]["error_reason"] == "empty" and errors["null"]["uri"] == str(nowhere)
+    assert errors["null"]["image_id"] == input_id(str(nowhere))
     keys = {u: f"k{i}" for i, u in enumerate(lake["good"])}
     assert all(r["key"] == keys[r["uri"]] for r in _ok(got))
 

@@ -32,7 +32,11 @@ TOKEN = "sam3ray0test0token0000000000000000000000"
 def label_studio_executable() -> str | None:
     candidates = [os.environ.get("SAM3RAY_LABEL_STUDIO"), str(REPO / ".lsvenv/bin/label-studio"),
                   shutil.which("label-studio")]  # fmt: skip
-    return next((c for c in candidates if c and Path(c).is_file()), None)
+    found = next((c for c in candidates if c and Path(c).is_file()), None)
+    # Absolute: Label Studio is started with cwd= its data dir, where a relative path
+    # (.ci/run passes .lsvenv/bin/label-studio) would not resolve. abspath, not
+    # resolve(): a venv's executables may be symlinks that must stay in the venv.
+    return os.path.abspath(found) if found else None
 
 
 @dataclass

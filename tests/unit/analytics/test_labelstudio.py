@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from sam3ray.analytics.labelstudio import (
     encode_values,
     export_labelstudio,
     labeling_config,
-    mask_to_percent_polygons,
 )
 from sam3ray.storage.location import Location
 
@@ -192,11 +192,6 @@ def test_polygon_tasks_match_the_masks(synthetic, tmp_path):
         iou = (drawn & filled).sum() / (drawn | filled).sum()
         assert iou > 0.95, iou
         assert len(polygons) == 1  # a ring is one outer polygon, its hole dropped
-    square = np.zeros((20, 30), bool)
-    square[5:15, 10:20] = True  # axis-aligned edges land exactly on pixel edges
-    (outline,) = mask_to_percent_polygons(square)
-    xs, ys = [p[0] * 30 / 100 for p in outline], [p[1] * 20 / 100 for p in outline]
-    assert (min(xs), max(xs), min(ys), max(ys)) == pytest.approx((10, 20, 5, 15))
 
 
 def test_labeling_config_and_cli(synthetic, tmp_path, capsys):
@@ -220,30 +215,42 @@ def test_labeling_config_and_cli(synthetic, tmp_path, capsys):
     assert "BrushLabels" not in cfg.read_text(encoding="utf-8")
 
 
-def _multi_part_output(tmp_path):
-    """An output with one detection of three blobs and a speck on one image."""
+def _one_image_output(tmp_path, masks: list[np.ndarray], uris: list[str] | None = None):
+    """An output of one 90 x 120 image with a detection per mask (scores 0.9, 0.8, ...);
+    ``uris`` adds one ok image without detections per URI."""
     from sam3ray.core.masks import encode_rle
     from sam3ray.output.schema import detections_table, images_table
     from sam3ray.output.writer import ShardOutput, ShardWriter
 
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(image)
+    uri = str(image)
+    dets = []
+    for k, mask in enumerate(masks):
+        counts, area = encode_rle(mask)
+        dets.append({"run_id": "r1", "image_id": "i1", "uri": uri, "class_id": CIRCLE,
+                     "concept": "circle", "query": 'text:"circle"', "score": 0.9 - k / 10,
+                     "box": [10, 5, 110, 86], "mask_rle": counts, "mask_size": [90, 120],
+                     "area": area, "width": 120, "height": 90, "model": MODEL})  # fmt: skip
+    imgs = [{"run_id": "r1", "image_id": "i1", "uri": uri, "shard_id": "s1", "status": "ok",
+             "n_detections": len(dets), "width": 120, "height": 90}]  # fmt: skip
+    for k, other in enumerate(uris or []):
+        imgs.append({"run_id": "r1", "image_id": f"i{k + 2}", "uri": other, "shard_id": "s1",
+                     "status": "ok", "n_detections": 0, "width": 120, "height": 90})  # fmt: skip
+    out = Location(str(tmp_path / "out"))
+    ShardWriter(out).write(ShardOutput("s1", "r1", detections_table(dets),
+                                       images_table(imgs)))  # fmt: skip
+    return out
+
+
+def _multi_part_output(tmp_path):
+    """An output with one detection of three blobs and a speck on one image."""
     mask = np.zeros((90, 120), bool)
     mask[10:40, 10:50] = True  # 1200 px
     mask[50:80, 60:110] = True  # 1500 px
     mask[5:15, 90:100] = True  # 100 px
     mask[85, 5] = True  # a 1-pixel speck
-    image = tmp_path / "img.png"
-    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(image)
-    uri, rle = str(image), encode_rle(mask)
-    det = {"run_id": "r1", "image_id": "i1", "uri": uri, "class_id": CIRCLE,
-           "concept": "circle", "query": 'text:"circle"', "score": 0.9,
-           "box": [10, 5, 110, 86], "mask_rle": rle[0], "mask_size": [90, 120], "area": rle[1],
-           "width": 120, "height": 90, "model": MODEL}  # fmt: skip
-    img = {"run_id": "r1", "image_id": "i1", "uri": uri, "shard_id": "s1", "status": "ok",
-           "n_detections": 1, "width": 120, "height": 90}  # fmt: skip
-    out = Location(str(tmp_path / "out"))
-    ShardWriter(out).write(ShardOutput("s1", "r1", detections_table([det]),
-                                       images_table([img])))  # fmt: skip
-    return out, mask
+    return _one_image_output(tmp_path, [mask]), mask
 
 
 def test_multi_part_detection_is_one_labelled_object(tmp_path):
@@ -267,6 +274,33 @@ def test_multi_part_detection_is_one_labelled_object(tmp_path):
     expected = mask.copy()
     expected[85, 5] = False
     assert np.array_equal(drawn, expected)  # axis-aligned parts come back exactly
+    # ... because their vertices lie on pixel edges, in percent of the image's size
+    xs, ys = zip(*first["value"]["points"])  # the largest part: rows 50..80, columns 60..110
+    assert (min(xs), max(xs)) == pytest.approx((60 / 1.2, 110 / 1.2), abs=1e-4)
+    assert (min(ys), max(ys)) == pytest.approx((50 / 0.9, 80 / 0.9), abs=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["polygon", "rle"])
+def test_empty_masks_are_counted_not_drawn(tmp_path, fmt, capsys):
+    """An all-zero mask has nothing to draw: no region (an invisible one would have to be
+    deleted by hand), but counted, and the CLI says so instead of "N detections as N-1
+    regions" with one unaccounted for."""
+    from sam3ray.cli import main
+
+    square = np.zeros((90, 120), bool)
+    square[10:40, 10:50] = True
+    out = _one_image_output(tmp_path, [square, np.zeros((90, 120), bool)])
+    done = export_labelstudio(out, Location(str(tmp_path / "t.json")), fmt=fmt)
+    (task,) = json.loads((tmp_path / "t.json").read_text())
+    (pred,) = task["predictions"]
+    (region,) = pred["result"]
+    assert region["score"] == 0.9 and pred["score"] == 0.9  # the empty one (0.8) is not in
+    assert (done.detections, done.results, done.empty) == (2, 1, 1)
+    if fmt == "polygon":
+        assert done.loss.mask_px == square.sum() and done.loss.multi_part == 0
+    assert main(["export", "labelstudio", out.uri, "--out", str(tmp_path / "c.json"),
+                 "--format", fmt]) == 0  # fmt: skip
+    assert "2 detections (1 with an empty mask, not drawn) as 1 regions" in capsys.readouterr().out
 
 
 def test_vertices_are_bounded_per_region(tmp_path):
@@ -309,6 +343,63 @@ def test_image_urls_for_local_files_and_presigned(synthetic, tmp_path, moto_s3):
     assert signed.startswith(moto_s3.endpoint_url) and "Signature" in signed
     with urlopen(signed, timeout=30) as response:  # noqa: S310 - moto on 127.0.0.1
         assert response.read() == b"\x89PNG-bytes"
+
+
+def test_mixed_lake_gets_both_url_kinds_in_one_export(tmp_path, moto_s3, capsys):
+    """A lake with local and object-store images: ``--local-files-root`` and
+    ``--presign`` together, each image's URL made by the kind of its URI."""
+    from urllib.parse import parse_qs, urlsplit
+    from urllib.request import urlopen
+
+    from sam3ray.cli import main
+
+    bucket = moto_s3.new_bucket("ls-mixed")
+    remote = moto_s3.put(bucket, "photos/a.png", b"\x89PNG-remote")
+    square = np.zeros((90, 120), bool)
+    square[10:40, 10:50] = True
+    out = _one_image_output(tmp_path, [square], uris=[remote])
+    opts = ["key=testing", "secret=testing", "client_kwargs.region_name=us-east-1",
+            f"client_kwargs.endpoint_url={moto_s3.endpoint_url}"]  # fmt: skip
+    target = tmp_path / "tasks.json"
+    argv = [
+        "export",
+        "labelstudio",
+        out.uri,
+        "--out",
+        str(target),
+        "--presign",
+        "600",
+        "--local-files-root",
+        str(tmp_path),
+        *(f"--storage-option={o}" for o in opts),
+    ]
+    assert main(argv) == 0
+    urls = {t["data"]["sam3ray_uri"]: t["data"]["image"]
+            for t in json.loads(target.read_text())}  # fmt: skip
+    local = urls[str(tmp_path / "img.png")]
+    assert parse_qs(urlsplit(local).query)["d"] == ["img.png"]
+    assert local.startswith("/data/local-files/?d=")
+    assert urls[remote].startswith(moto_s3.endpoint_url) and "Signature" in urls[remote]
+    with urlopen(urls[remote], timeout=30) as response:  # noqa: S310 - moto on 127.0.0.1
+        assert response.read() == b"\x89PNG-remote"
+    printed = capsys.readouterr().out
+    assert f"Local Files storage on {tmp_path}" in printed
+    assert "cloud storage" not in printed  # presigned: no storage needed for the bucket
+
+
+def test_cli_warns_once_about_bare_local_paths(synthetic, tmp_path, capsys, caplog):
+    """The library's warning is the one a CLI user sees; the CLI does not repeat it."""
+    from sam3ray.cli import main
+
+    with caplog.at_level(logging.WARNING, logger="sam3ray"):
+        argv = ["export", "labelstudio", synthetic.output, "--out", str(tmp_path / "t.json")]
+        assert main(argv) == 0
+    streams = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records if "cannot load" in r.getMessage()]
+    assert "cannot load" not in streams.out + streams.err  # printed: not a second time
+    (message,) = logged
+    assert f"{len(synthetic.ok_images)} images are local paths" in message
+    assert "--local-files-root" in message  # says what to do, in the CLI's words too
 
 
 def test_polygon_flag_defaults_match_the_library():

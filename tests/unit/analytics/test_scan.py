@@ -199,3 +199,26 @@ def test_runs_categories_and_selection(tmp_path):
         (2, SQUARE, "square"),
         (3, RING, "ring"),
     ]
+
+
+def test_open_output_names_only_its_own_refusals(moto_s3):
+    """A PermissionError raised by the caller's body (reading the lake, presigning) is
+    not the destination's: it propagates unchanged, not as "cannot write <dest>"; the
+    store's own refusal of the file still names the file."""
+    from sam3ray.analytics import open_output
+    from tests.support.readonly_s3 import ReadOnlyS3Proxy
+
+    exports, lake = moto_s3.new_bucket("open-output"), moto_s3.new_bucket("open-output-ro")
+    dest = Location(f"s3://{exports}/export.json", moto_s3.storage_options)
+    body = PermissionError("AccessDenied reading s3://lake/detections")
+    with pytest.raises(PermissionError) as caught, open_output(dest) as f:
+        f.write("[")
+        raise body
+    assert caught.value is body and "cannot write" not in str(caught.value)
+
+    with ReadOnlyS3Proxy(moto_s3.endpoint_url, bucket=lake) as proxy:
+        refused = Location(f"s3://{lake}/export.json", proxy.storage_options())
+        named = pytest.raises(PermissionError, match=f"cannot write s3://{lake}/export.json")
+        with named, open_output(refused) as f:
+            f.write("[]\n")
+        assert sum(proxy.refused.values()) > 0

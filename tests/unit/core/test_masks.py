@@ -1,4 +1,4 @@
-"""COCO RLE, IoU, boxes and polygons of sam3ray.core.masks against plain numpy truths."""
+"""COCO RLE, IoU and outlines (polygons) of sam3ray.core.masks against plain numpy truths."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from sam3ray.core.masks import (
     decode_rle,
     encode_rle,
     encode_rle_batch,
-    mask_to_polygons,
-    rle_bbox,
+    outline_mask,
     rle_iou,
 )
 
@@ -35,6 +34,11 @@ def np_iou(a: np.ndarray, b: np.ndarray) -> float:
 def rasterise(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
     """How COCO tools (and Label Studio / CVAT imports) turn polygons back into pixels."""
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))).astype(bool)
+
+
+def flat(parts: list[np.ndarray]) -> list[list[float]]:
+    """Outline parts (k x 2 vertex arrays) as COCO's flat ``[x0, y0, x1, y1, ...]`` lists."""
+    return [p.ravel().tolist() for p in parts]
 
 
 SHAPES = [(1, 1), (1, 17), (23, 1), (37, 53), (64, 48)]
@@ -87,42 +91,34 @@ def test_rle_iou_equals_pixel_iou():
     assert rle_iou(encode_rle(a)[0], encode_rle(b)[0], (10, 10)) == 0.0
 
 
-def test_rle_bbox_is_the_tight_pixel_edge_box():
-    m = np.zeros((20, 30), bool)
-    m[3:8, 5:12] = True
-    m[15, 2] = True
-    assert rle_bbox(encode_rle(m)[0], (20, 30)) == (2.0, 3.0, 12.0, 16.0)
-    assert rle_bbox(encode_rle(np.zeros((4, 4), bool))[0], (4, 4)) == (0.0, 0.0, 0.0, 0.0)
-
-
 def test_polygons_of_blobs_rasterise_back_to_the_mask():
     h, w = 100, 120
     yy, xx = np.mgrid[:h, :w]
     disc = (xx - 40) ** 2 + (yy - 50) ** 2 < 25**2
     square = (xx >= 80) & (xx < 110) & (yy >= 20) & (yy < 60)
     m = disc | square
-    polys = mask_to_polygons(m)
-    assert len(polys) == 2  # two separate objects
-    for p in polys:
-        assert len(p) >= 6 and len(p) % 2 == 0
-        xs, ys = p[0::2], p[1::2]
-        assert min(xs) >= 0 and min(ys) >= 0 and max(xs) <= w and max(ys) <= h
-    assert np_iou(rasterise(polys, h, w), m) >= 0.95
-    assert mask_to_polygons(np.zeros((h, w), bool)) == []
+    out = outline_mask(m)
+    assert len(out.parts) == 2 and out.area == m.sum()  # two separate objects
+    assert out.dropped_parts == out.holes == 0
+    for p in out.parts:
+        assert p.ndim == 2 and p.shape[0] >= 3 and p.shape[1] == 2
+        assert p.min() >= 0 and p[:, 0].max() <= w and p[:, 1].max() <= h
+    assert np_iou(rasterise(flat(out.parts), h, w), m) >= 0.95
+    assert outline_mask(np.zeros((h, w), bool)).parts == []
 
 
 def test_polygons_use_coco_pixel_edge_coordinates():
     """COCO polygons are in pixel-edge coordinates: the outline of pixels
     x0..x1-1, y0..y1-1 runs from (x0, y0) to (x1, y1) (``rasterise`` of that square
-    gives back exactly those pixels). mask_to_polygons returns marching-squares
-    coordinates around pixel centres, half a pixel up-left of that."""
+    gives back exactly those pixels). Contour tracers run through pixel centres, half a
+    pixel inside that; the outline is moved out onto the edges."""
     m = np.zeros((60, 80), bool)
     m[10:40, 20:60] = True
-    (poly,) = mask_to_polygons(m)
-    xs, ys = poly[0::2], poly[1::2]
+    (poly,) = outline_mask(m).parts
     assert rasterise([[20, 10, 60, 10, 60, 40, 20, 40]], 60, 80).tolist() == m.tolist()
-    extents = (min(xs), min(ys), max(xs), max(ys))
-    assert max(abs(a - b) for a, b in zip(extents, (20, 10, 60, 40))) <= 0.5, extents
+    extents = (*poly.min(axis=0), *poly.max(axis=0))
+    assert extents == pytest.approx((20, 10, 60, 40)), extents
+    assert rasterise(flat([poly]), 60, 80).tolist() == m.tolist()
 
 
 def test_polygons_are_outer_contours_only():
@@ -132,15 +128,14 @@ def test_polygons_are_outer_contours_only():
     ring = np.zeros((40, 40), bool)
     ring[5:35, 5:35] = True
     ring[15:25, 15:25] = False
-    polys = mask_to_polygons(ring)
-    assert len(polys) == 1
+    out = outline_mask(ring)
+    assert len(out.parts) == 1 and out.holes == 1
+    assert rasterise(flat(out.parts), 40, 40).sum() == 30 * 30  # the hole is filled
 
 
 def test_outline_fills_holes_and_reports_them():
     """A ring with an island in its hole: one polygon (the island lies inside it), one
     hole, and exactly the hole's background pixels reported as covered."""
-    from sam3ray.core.masks import outline_mask
-
     m = np.zeros((50, 50), bool)
     m[5:45, 5:45] = True
     m[15:35, 15:35] = False  # a 20×20 hole ...
@@ -148,8 +143,7 @@ def test_outline_fills_holes_and_reports_them():
     out = outline_mask(m)
     assert len(out.parts) == 1 and out.holes == 1
     assert out.hole_px == 20 * 20 - 6 * 6 and out.dropped_px == 0 and out.area == m.sum()
-    (poly,) = mask_to_polygons(m)
-    assert rasterise([poly], 50, 50).sum() == 40 * 40  # filled, on pixel edges
+    assert rasterise(flat(out.parts), 50, 50).sum() == 40 * 40  # filled, on pixel edges
     assert outline_mask(np.zeros((4, 4), bool)).parts == []
     line = np.zeros((10, 10), bool)
     line[3, 2:8] = True  # too thin for a polygon: its box

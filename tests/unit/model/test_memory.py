@@ -116,3 +116,40 @@ def test_plan_on_a_tiny_budget_still_runs_one_image_one_query():
     plan = plan_batches(SIZES, budget=100 * MiB, queries_per_image=10)
     assert (plan.images_per_batch, plan.queries_per_forward) == (1, 1)
     assert "over budget" in plan.reason
+
+
+def test_post_processing_reserve_covers_a_mask_step_and_an_nms_step():
+    """What a plan reserves beyond the forward is the peak of the steps that follow it:
+    a mask-encoding step (16 M pixels, or one mask of max_imgsz² if larger) and an NMS
+    step. Without max_imgsz, masks are upsampled at the original size: the reserve is a
+    full step, not the model's 1008² grid (8 MB) it once was."""
+    from sam3ray.model.batches import (
+        MASK_BYTES_PER_PIXEL,
+        MASK_PIXELS_PER_STEP,
+        post_processing_bytes,
+    )
+    from sam3ray.model.postprocess import NMS_BYTES_PER_ELEMENT, NMS_ELEMENTS_PER_STEP
+
+    step = MASK_BYTES_PER_PIXEL * MASK_PIXELS_PER_STEP
+    nms = NMS_BYTES_PER_ELEMENT * NMS_ELEMENTS_PER_STEP
+    assert post_processing_bytes(None) == max(step, nms) >= 128 * 2**20
+    assert post_processing_bytes(1024) == post_processing_bytes(None)  # 1 M px < a step
+    assert post_processing_bytes(8192) == MASK_BYTES_PER_PIXEL * 8192**2  # one mask > a step
+
+
+def test_batched_nms_peak_stays_within_its_reserve():
+    """The NMS reserve is a measured bound: one full step's allocations (LiveBytes
+    counts every storage alive at once) stay under NMS_BYTES_PER_ELEMENT per element."""
+    from sam3ray.model.postprocess import NMS_BYTES_PER_ELEMENT, NMS_ELEMENTS_PER_STEP, batched_nms
+
+    width = 1000  # one group of 1000 candidates: a 1000² IoU matrix, 1/4 of a step
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(width, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + torch.rand(width, 2, generator=g) * 100 + 1], dim=1)
+    scores = torch.rand(width, generator=g)
+    groups = torch.zeros(width, dtype=torch.long)
+    with LiveBytes() as live:
+        live.reset_peak()
+        batched_nms(boxes, scores, groups, 0.5)
+    assert width * width <= NMS_ELEMENTS_PER_STEP
+    assert live.peak <= NMS_BYTES_PER_ELEMENT * width * width

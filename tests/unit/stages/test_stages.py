@@ -10,7 +10,9 @@ that split a batch instead of costing the shard.
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from sam3ray.output.parquet import read_table
 from sam3ray.output.state import commit_key
 from sam3ray.plan.shards import image_shard_id
 from sam3ray.stages.commit import CommitStage
+from sam3ray.stages.decode import decode_one
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import CommitSummary, ShardResult, ShardTask, WorkerInfo
 from sam3ray.storage.location import Location
@@ -261,7 +264,8 @@ def test_host_phase_of_a_batch_overlaps_the_next_batchs_forward(segmented, shard
 
 class OutOfMemory:
     """Wraps an engine: batches of more than ``limit`` images fail as a GPU would
-    (torch.OutOfMemoryError) before any work; a test-only wrapper, no production switch."""
+    (torch.OutOfMemoryError), holding activations in the failing frame as a forward
+    does; a test-only wrapper, no production switch."""
 
     def __init__(self, inner, limit: int) -> None:
         self.inner = inner
@@ -269,6 +273,8 @@ class OutOfMemory:
         self.limit = limit
         self.calls: list[int] = []
         self.released = 0
+        self.activations: list[weakref.ref] = []
+        self.pinned_at_release: list[bool] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -276,11 +282,17 @@ class OutOfMemory:
     def launch(self, images, exemplars=None, only=None):
         self.calls.append(len(images))
         if len(images) > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            self._forward_out_of_memory()
         return self.inner.launch(images, exemplars, only)
+
+    def _forward_out_of_memory(self) -> None:
+        activations = torch.empty(1 << 16)  # alive as long as this frame is
+        self.activations.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def release_memory(self) -> None:
         self.released += 1
+        self.pinned_at_release.append(any(r() is not None for r in self.activations))
 
 
 def oom_stage(tiny_checkpoint, inputs, images_per_batch: int) -> SegmentStage:
@@ -311,6 +323,9 @@ def test_out_of_memory_splits_the_batch_and_later_batches_stay_smaller(
     first = stage.process(fresh(shard))
     # 3 ok images: [3] fails -> [2] fails -> [1] [1]; the 3rd image comes alone.
     assert oom.calls == [3, 2, 1, 1, 1] and oom.released == 2
+    # Memory is released after the failed forward's frames are gone (a traceback
+    # still being handled would pin them, and the halves would run out again).
+    assert oom.pinned_at_release == [False, False]
     assert stage.images_per_batch() == 1
     second = stage.process(fresh(shard))
     assert oom.calls[5:] == [1, 1, 1]  # the next shard starts at the smaller size
@@ -338,6 +353,49 @@ def test_an_image_that_runs_out_of_memory_alone_is_an_error_row_not_a_lost_shard
     oom.limit = 2  # memory is back: the same actor labels the next shard in full
     again = stage.process(fresh(shard))
     assert again.detections.drop(["created_at"]).equals(want.detections.drop(["created_at"]))
+
+
+class HostPhaseFails:
+    """Wraps an engine: the first batch of several images fails in its host phase
+    (post-processing), after its forward; a test-only wrapper."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.broken: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, images, exemplars=None, only=None):
+        pending = self.inner.launch(images, exemplars, only)
+        if len(images) > 1 and not self.broken:
+            self.broken.append(len(images))
+            return _BrokenPending()
+        return pending
+
+
+class _BrokenPending:
+    def result(self):
+        raise RuntimeError("rle encoder broke")
+
+
+def test_a_batch_whose_post_processing_fails_is_redone_from_its_pixels_not_reread(
+    tiny_checkpoint, inputs, shard, one_by_one
+):
+    stage = oom_stage(tiny_checkpoint, inputs, images_per_batch=3)
+    stage.engine = engine = HostPhaseFails(stage.engine)
+    # As the sam3ray.label operator hands in bytes or arrays: URIs nothing can read again.
+    images = [
+        replace(decode_one(stage.source, uri, iid), uri=f"sha1:{k}")
+        for k, (uri, iid) in enumerate(zip(shard.uris, shard.image_ids, strict=True))
+    ]
+    got = stage.label(fresh(shard), images)
+    assert engine.broken == [3]
+    cols = ["status", "error_reason", "n_detections"]
+    assert got.images.select(cols).equals(one_by_one.images.select(cols))
+    drop = ["created_at", "uri"]
+    assert got.detections.drop(drop).equals(one_by_one.detections.drop(drop))
 
 
 def _relabelled(segmented, shard, monkeypatch) -> tuple[str, pa.Table, ShardResult]:
