@@ -16,6 +16,7 @@ import ray
 from sam3ray.config.checks import where
 from sam3ray.config.schema import JobConfig, ModelConfig, ResourcesConfig
 from sam3ray.core.errors import ConfigError
+from sam3ray.runner.planning import PLAN_READ_CPUS
 from sam3ray.stages.commit import COMMIT_CPUS
 
 logger = logging.getLogger(__name__)
@@ -37,20 +38,21 @@ def init_ray(cfg: JobConfig) -> float:
 
 
 def check_pool_fits(cfg: JobConfig, n_shards: int) -> None:
-    """Refuse a pool whose minimum leaves no CPU for commit tasks: Ray
+    """Refuse a pool whose minimum leaves no CPU for the commit and plan-reading tasks: Ray
     would wait forever. Only for a local Ray, whose size is all it will ever be
     (an autoscaling cluster may add nodes)."""
     if not is_local(cfg) or n_shards == 0:
         return
     r = cfg.resources
     lo = min(r.actors[0], n_shards)
-    need = lo * (r.cpus_per_actor + r.decode_cpus) + COMMIT_CPUS
+    need = lo * (r.cpus_per_actor + r.decode_cpus) + COMMIT_CPUS + PLAN_READ_CPUS
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ConfigError(
             f"{where(cfg)}resources: the actor pool's minimum ({lo} × (resources.cpus_per_actor "
             f"{r.cpus_per_actor} + resources.decode_cpus {r.decode_cpus})) plus one commit "
-            f"task ({COMMIT_CPUS}) needs {need:g} CPUs, but this Ray has {have:g}: lower "
+            f"task ({COMMIT_CPUS}) and one plan reader ({PLAN_READ_CPUS}) needs {need:g} CPUs, "
+            f"but this Ray has {have:g}: lower "
             "resources.actors[0], resources.cpus_per_actor or resources.decode_cpus"
         )
 

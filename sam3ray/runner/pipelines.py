@@ -24,7 +24,7 @@ from sam3ray.output.video import restitch_video, stitch_video, stitched_videos
 from sam3ray.plan.job import JobPlan
 from sam3ray.runner.adapter import apply, pack, results
 from sam3ray.runner.metrics import RayMetrics
-from sam3ray.runner.planning import read_plan_dataset
+from sam3ray.runner.planning import PLAN_READ_CPUS, read_plan_dataset
 from sam3ray.stages.commit import CommitStage
 from sam3ray.stages.segment import SegmentStage
 from sam3ray.stages.tasks import CommitSummary
@@ -72,10 +72,15 @@ def label_pipeline(
         return
     output = cfg.output_location
     ds = read_plan_dataset(output, plan.run_id, kind)
-    # One shard per block, streamed (no barrier): a plan file holds many tasks, and
-    # Ray Data hands an actor a whole block, so unsplit blocks serialise the pool.
-    ds = ds.repartition(target_num_rows_per_block=1)
-    ds = ds.map_batches(_packed_tasks, batch_format="pyarrow", batch_size=1)
+    # One shard per block, streamed: a plan file holds many tasks, and Ray Data hands
+    # an actor a whole block, so unsplit blocks serialise the pool. A block-size target
+    # below any row makes every map's output one-row blocks. (Not ds.repartition: it
+    # runs as a task of its own at 1 CPU, which on a small local Ray waits forever
+    # behind the actors.)
+    ds.context.target_max_block_size = 1
+    ds = ds.map_batches(
+        _packed_tasks, batch_format="pyarrow", batch_size=1, num_cpus=PLAN_READ_CPUS
+    )
     ds = apply(ds, _model_stage(cfg, plan, kind), n_rows=n, num_gpus=num_gpus)
     ds = apply(ds, CommitStage(output, plan.run_id), n_rows=n)
     yield from results(ds)

@@ -218,6 +218,13 @@ def _write_plan_part(batch: pa.Table, output: Location, run_id: str) -> pa.Table
     return batch.filter(is_stats).select(["stats"])
 
 
+#: CPUs of a task that reads plan files or packs their rows: little (I/O, a few KB per
+#: task), and it runs beside the model actors, which on a small local Ray hold most
+#: CPUs: at Ray's default of 1 it could wait forever behind them (the pool check counts
+#: it with the commit task).
+PLAN_READ_CPUS = 0.25
+
+
 def read_plan_dataset(output: Location, run_id: str, kind: str | None = None) -> ray.data.Dataset:
     """A run's tasks (of one ``kind``) as a dataset, one block per plan file: each file
     is read by a task through the job's storage retries."""
@@ -228,6 +235,7 @@ def read_plan_dataset(output: Location, run_id: str, kind: str | None = None) ->
         fn_kwargs={"output": output, "kind": kind},
         batch_format="pyarrow",
         batch_size=1,
+        num_cpus=PLAN_READ_CPUS,
     )
 
 
