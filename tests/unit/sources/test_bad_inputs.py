@@ -149,8 +149,6 @@ class PoisonEngine:
 def test_a_poison_image_fails_alone_not_its_whole_batch(tmp_path, tiny_checkpoint):
     from PIL import Image
 
-    from sam3ray.model.engine import Sam3Engine
-
     sizes = [(40, 30), (13, 17), (44, 44), (36, 60)]  # the second one breaks inference
     uris = []
     for i, (h, w) in enumerate(sizes):
@@ -160,15 +158,15 @@ def test_a_poison_image_fails_alone_not_its_whole_batch(tmp_path, tiny_checkpoin
     concepts = ConceptSet((Concept(THING, "thing", ("x",)),))
     inference = InferenceConfig(images_per_batch=4, conf=0.0, max_det=3)
     stage = SegmentStage(
-        ModelConfig(checkpoint="unused"),
+        ModelConfig(checkpoint=tiny_checkpoint, device="cpu"),
         inference,
         InputConfig(uris=[str(tmp_path)]),
         ResourcesConfig(),
         concepts,
         run_id="r1",
     )
-    inner = Sam3Engine.from_checkpoint(tiny_checkpoint, concepts, inference, device="cpu")
-    stage.engine = engine = PoisonEngine(inner)
+    stage.setup()  # the model loads once; the test wraps what it loaded
+    stage.engine = engine = PoisonEngine(stage.engine)
     result = stage.process(image_shard(uris))
     images = result.images.to_pylist()
     dets = result.detections
