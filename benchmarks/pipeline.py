@@ -62,7 +62,6 @@ if str(ROOT) not in sys.path:  # runnable as a script from a source checkout
 logger = logging.getLogger("benchmarks.pipeline")
 
 CONCEPT_TEXTS = ["person", "car", "dog", "cat", "tree", "bicycle", "bird", "boat"]
-WRITE_CPUS = 0.25  # what a commit task reserves (sam3ray.stages.commit.COMMIT_CPUS)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -185,8 +184,11 @@ def engine_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cpus_per_actor(n_actors: int, cores: int, decode_cpus: float) -> float:
     """The largest per-actor model share (each actor also reserves ``decode_cpus`` for
-    its reader) that leaves room for a write task."""
-    share = (cores - WRITE_CPUS) / n_actors - decode_cpus
+    its reader) that leaves room for the job's small tasks (a commit, a plan reader)."""
+    from sam3ray.runner.planning import PLAN_READ_CPUS
+    from sam3ray.stages.commit import COMMIT_CPUS
+
+    share = (cores - COMMIT_CPUS - PLAN_READ_CPUS) / n_actors - decode_cpus
     return round(min(1.0, share), 3)
 
 

@@ -94,7 +94,7 @@ def child(
     rss_trace = []
     for _ in range(repeat):
         for s in shards:
-            result = stage.process(ShardTask(s))
+            result = stage.process(ShardTask(s, tuple(c.class_id for c in stage.concepts)))
             img = result.images.to_pylist()[0]
             assert img["status"] == "ok", img
             frames += len(s.span.frames)

@@ -62,7 +62,8 @@ def _run(stage, shards, share: bool) -> tuple[float, int, int, list]:
     backbone.forward_image = counting
     try:
         t0 = time.perf_counter()
-        outs = [stage.process(ShardTask(s)) for s in shards]
+        every = tuple(c.class_id for c in stage.concepts)
+        outs = [stage.process(ShardTask(s, every)) for s in shards]
         seconds = time.perf_counter() - t0
     finally:
         del backbone.forward_image
