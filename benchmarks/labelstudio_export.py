@@ -108,8 +108,7 @@ def write_output(rows: list[dict[str, Any]], n: int, root: Path) -> None:
         chunk = images[start : start + 40]
         imgs = [{**img, "shard_id": shard} for img, _ in chunk]
         dets = [d for _, ds in chunk for d in ds]
-        writer.write(ShardOutput(shard, shard, "", "bench", detections_table(dets),
-                                 images_table(imgs)))  # fmt: skip
+        writer.write(ShardOutput(shard, "bench", detections_table(dets), images_table(imgs)))
 
 
 def legacy_polygons(mask: Any, tolerance: float = 1.0) -> list[list[float]]:
