@@ -284,7 +284,7 @@ class Sam3Engine:
         import torch
 
         if self.dtype == "bfloat16":
-            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+            return torch.autocast(device_type(self.device), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def encode_texts(self, texts: set[str]) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sam3ray.model import compat
+from sam3ray.model.device import device_type
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ _done = False
 def _is_cuda(value: object) -> bool:
     if isinstance(value, torch.device):
         return value.type == "cuda"
-    return isinstance(value, str) and value.split(":")[0] == "cuda"
+    return isinstance(value, str) and device_type(value) == "cuda"
 
 
 class CudaToCpu(TorchFunctionMode):
